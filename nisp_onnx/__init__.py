@@ -1,0 +1,38 @@
+"""nisp-onnx: prune ONNX CNNs with Neuron Importance Score Propagation.
+
+`prune()` runs the whole pipeline; its stages are usable on their own: `load_model`,
+`analyze` (channel groups), `collect` (calibration responses), `infs_scores`, `propagate`,
+`select`, `rewrite`.
+"""
+
+from .analyze import analyze, find_frl
+from .api import prune
+from .calibrate import collect
+from .errors import NispError
+from .infs import infs_scores
+from .model_io import load_model, save_model
+from .propagate import propagate
+from .readers import ArrayReader, ImageFolderReader, Preprocess
+from .report import Report
+from .rewrite import rewrite, zero_removed
+from .select import select
+
+__version__ = "0.1.0"
+__all__ = [
+    "ArrayReader",
+    "ImageFolderReader",
+    "NispError",
+    "Preprocess",
+    "Report",
+    "analyze",
+    "collect",
+    "find_frl",
+    "infs_scores",
+    "load_model",
+    "propagate",
+    "prune",
+    "rewrite",
+    "save_model",
+    "select",
+    "zero_removed",
+]

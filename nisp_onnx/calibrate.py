@@ -1,0 +1,121 @@
+"""Stage 3: run the model on calibration inputs with onnxruntime, keeping the final responses.
+
+Like onnxruntime's own static quantization, the tensors to observe are added as extra graph
+outputs and the data is streamed batch by batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tqdm import tqdm
+
+from .errors import NispError
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+@dataclass
+class Calibration:
+    """What one pass over the calibration data keeps."""
+
+    batches: list[dict[str, np.ndarray]]  # the inputs, for verifying the pruned model
+    responses: np.ndarray  # N x D final responses
+    predictions: np.ndarray  # top-1 of the first output, per sample
+    response_shape: tuple[int, ...]  # shape of one sample's final response
+
+    @property
+    def count(self) -> int:
+        return len(self.predictions)
+
+
+def session(proto: onnx.ModelProto, extra_outputs: tuple[str, ...] = ()) -> ort.InferenceSession:
+    """A CPU onnxruntime session of `proto`, with `extra_outputs` added as graph outputs."""
+    if extra_outputs:
+        proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        have = {o.name for o in proto.graph.output}
+        proto.graph.output.extend(
+            onnx.ValueInfoProto(name=name) for name in extra_outputs if name not in have
+        )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(
+        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+
+
+def _feed(sess: ort.InferenceSession, batch: dict) -> dict[str, np.ndarray]:
+    feed = {}
+    for inp in sess.get_inputs():
+        if inp.name not in batch:
+            raise NispError(
+                f"calibration data gives {sorted(batch)} but the model input is {inp.name!r}"
+            )
+        x = np.asarray(batch[inp.name]).astype(_ORT_TYPES.get(inp.type, np.float32), copy=False)
+        fixed = [(i, d) for i, d in enumerate(inp.shape) if isinstance(d, int)]
+        if x.ndim != len(inp.shape) or any(x.shape[i] != d for i, d in fixed):
+            raise NispError(
+                f"calibration input {inp.name!r} has shape {list(x.shape)} but the model expects "
+                f"{list(inp.shape)}; check --size, --color and --batch-size"
+            )
+        feed[inp.name] = x
+    return feed
+
+
+def top1(output: np.ndarray) -> np.ndarray:
+    """Predicted class per sample of a classifier output [N, ..., classes]."""
+    return output.reshape(len(output), -1).argmax(axis=1)
+
+
+def collect(
+    proto: onnx.ModelProto,
+    reader: object,
+    frl: str,
+    num_samples: int | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """Run `proto` over batches from `reader` (up to `num_samples`), keeping the FRL responses."""
+    sess = session(proto, (frl,))
+    first = sess.get_outputs()[0].name
+    batches, responses, preds = [], [], []
+    seen = 0
+    bar = tqdm(total=num_samples, desc="calibrating", unit="img", disable=not progress)
+    while num_samples is None or seen < num_samples:
+        batch = reader.get_next()
+        if batch is None:
+            break
+        feed = _feed(sess, batch)
+        out, resp = sess.run([first, frl], feed)
+        if not (np.isfinite(out).all() and np.isfinite(resp).all()):
+            raise NispError(
+                f"the model gives NaN or Inf on calibration batch {len(batches)}; "
+                "check the preprocessing flags (--scale, --mean, --std)"
+            )
+        batches.append(feed)
+        responses.append(resp.reshape(len(resp), -1).astype(np.float64))
+        preds.append(top1(out))
+        seen += len(out)
+        bar.update(len(out))
+    bar.close()
+    if not batches:
+        raise NispError("the calibration reader gave no data")
+    shape = tuple(resp.shape[1:])
+    return Calibration(batches, np.concatenate(responses), np.concatenate(preds), shape)
+
+
+def predict(proto: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Top-1 of the first output over the cached calibration batches."""
+    sess = session(proto)
+    first = sess.get_outputs()[0].name
+    return np.concatenate([top1(sess.run([first], b)[0]) for b in batches])

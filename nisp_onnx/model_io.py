@@ -1,0 +1,157 @@
+"""Loading and saving ONNX files: the only module that handles raw protobuf."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from .errors import NispError
+
+TWO_GB = 2**31
+
+
+@dataclass
+class LoadedModel:
+    """A model as read from disk, with its graph folded and shape-inferred for analysis."""
+
+    path: Path | None
+    proto: onnx.ModelProto
+    external_data: bool
+    file_size: int
+
+    def graph(self) -> gs.Graph:
+        """A fresh graphsurgeon graph of the model (constants folded, shapes inferred)."""
+        return gs.import_onnx(self.proto)
+
+
+def _uses_external_data(proto: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
+    )
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
+    """Read an ONNX model (path or proto), fold constant subgraphs and infer shapes."""
+    if isinstance(model, onnx.ModelProto):
+        proto, path, size, external = model, None, model.ByteSize(), False
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise NispError(f"{path}: no such file; pass the path of an .onnx model")
+        if not path.is_file():
+            raise NispError(f"{path}: is a directory, not an ONNX file")
+        try:
+            header = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, RuntimeError, ValueError) as e:
+            raise NispError(f"{path}: not a valid ONNX file ({type(e).__name__})") from None
+        if not header.graph.node:
+            raise NispError(f"{path}: not an ONNX model (the file holds no graph nodes)")
+        external = _uses_external_data(header)
+        try:
+            proto = onnx.load(str(path))
+        except (FileNotFoundError, OSError) as e:
+            raise NispError(
+                f"{path}: cannot read its external data ({e}); keep the .data file beside it"
+            ) from None
+        size = path.stat().st_size + sum(
+            (path.parent / p).stat().st_size for p in _external_files(header)
+        )
+    _check_domains(proto, path)
+    return LoadedModel(path, _prepare(proto), external, size)
+
+
+def _external_files(proto: onnx.ModelProto) -> set[str]:
+    files = set()
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            files.update(e.value for e in t.external_data if e.key == "location")
+    return files
+
+
+def _check_domains(proto: onnx.ModelProto, path: Path | None) -> None:
+    known = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+    for node in proto.graph.node:
+        if node.domain not in known:
+            raise NispError(
+                f"{path or 'model'}: node {node.name or node.op_type!r} uses op domain "
+                f"{node.domain!r}, which onnxruntime cannot run here; export with standard ops"
+            )
+
+
+def _prepare(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold constant subgraphs (weights behind Identity, reshaped parameters) and infer shapes."""
+    graph = gs.import_onnx(proto)
+    graph.fold_constants(error_ok=True).cleanup().toposort()
+    _name_nodes(graph)
+    folded = export(graph, proto)
+    try:
+        return onnx.shape_inference.infer_shapes(folded, data_prop=True)
+    except Exception:  # shape inference is best effort; analysis freezes what it cannot size
+        return folded
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique name (reports and rules refer to nodes by name)."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.nodes):
+        name = node.name or f"{node.op}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graph with the opset, IR version and metadata of `like`."""
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = like.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    out.producer_name = like.producer_name
+    out.producer_version = like.producer_version
+    out.model_version = like.model_version
+    out.doc_string = like.doc_string
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    return out
+
+
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_data: bool) -> int:
+    """Write atomically (temporary file then rename); returns the bytes written in all."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise NispError(f"{path}: the output folder {folder} does not exist")
+    external_data = external_data or proto.ByteSize() >= TWO_GB
+    data_name = path.name + ".data"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if external_data:
+            onnx.save_model(
+                proto, tmp, save_as_external_data=True, location=data_name, size_threshold=1024
+            )
+        else:
+            onnx.save_model(proto, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise NispError(f"{path}: cannot write the output model ({e.strerror or e})") from None
+    size = path.stat().st_size
+    if external_data:
+        size += (folder / data_name).stat().st_size
+    return size
+
+
+def tensor_values(tensor: gs.Tensor) -> np.ndarray | None:
+    """The values of a graphsurgeon constant, or None for a variable."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None

@@ -1,0 +1,134 @@
+"""Ops whose constant weight mixes input channels into new output channels: Conv, Gemm, MatMul.
+
+Their output starts a new channel space; their input space is *consumed* (cutting an input
+channel drops a weight column). NISP flows back as `s_in = |W|^T s_out`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..channels import ChannelGraph, dim, shape_of
+from .base import Keep, Rule, pass_through, rank, select, set_input
+
+
+class ConvRule(Rule):
+    """Conv with a constant weight [M, C/g, k...]; grouped convs tie each group's in and out."""
+
+    def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:
+        w = node.inputs[1]
+        src = cg.space(node.inputs[0])
+        if not isinstance(w, gs.Constant):
+            cg.freeze(src, f"Conv node {node.name!r} has a weight computed at run time")
+            return
+        m, cig = w.values.shape[:2]
+        g = int(node.attrs.get("group", 1))
+        out = cg.new_space(node.outputs[0], 1, m)
+        if g == 1:
+            cg.consume(node, 0)
+            return
+        if src is None:
+            cg.freeze(out, f"grouped Conv {node.name!r} reads channels that cannot be cut")
+            return
+        cog = m // g
+        c_in = np.arange(cig * g)
+        c_out = np.arange(m)
+        cg.link(src, out, c_in, (c_in // cig) * cog)
+        cg.link(src, out, (c_out // cog) * cig, c_out)
+
+    def backprop(self, node: gs.Node, cg: ChannelGraph, total: np.ndarray) -> None:
+        src, out = cg.space(node.inputs[0]), cg.space(node.outputs[0])
+        if src is None or out is None:
+            return
+        w = np.abs(node.inputs[1].values.astype(np.float64))
+        m, cig = w.shape[:2]
+        g = int(node.attrs.get("group", 1))
+        per_link = w.reshape(m, cig, -1).sum(-1) * total[out.elements][:, None]  # [M, C/g]
+        total[src.elements] += per_link.reshape(g, m // g, cig).sum(1).reshape(-1)
+
+    def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
+        k_out, k_in = keep(node.outputs[0]), keep(node.inputs[0])
+        w = node.inputs[1].values
+        g = int(node.attrs.get("group", 1))
+        if g == 1:
+            set_input(node, 1, select(select(w, 0, k_out), 1, k_in))
+        elif k_out is not None:
+            set_input(node, 1, select(w, 0, k_out))
+            node.attrs["group"] = int(k_out.reshape(g, -1).any(1).sum())
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            set_input(node, 2, select(node.inputs[2].values, 0, k_out))
+
+
+class GemmRule(Rule):
+    """Gemm y = A B (+ C) with constant B; A's feature axis is consumed, y's starts anew."""
+
+    def _weight(self, node: gs.Node) -> np.ndarray:
+        """B as [N, K]."""
+        b = node.inputs[1].values
+        return b if node.attrs.get("transB", 0) else b.T
+
+    def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:
+        src = cg.space(node.inputs[0])
+        if not isinstance(node.inputs[1], gs.Constant) or node.attrs.get("transA", 0):
+            cg.freeze(src, f"Gemm node {node.name!r} has a computed weight or transA")
+            return
+        cg.new_space(node.outputs[0], 1, self._weight(node).shape[0])
+        cg.consume(node, 0)
+
+    def backprop(self, node: gs.Node, cg: ChannelGraph, total: np.ndarray) -> None:
+        src, out = cg.space(node.inputs[0]), cg.space(node.outputs[0])
+        if src is not None and out is not None:
+            w = np.abs(self._weight(node).astype(np.float64))
+            total[src.elements] += w.T @ total[out.elements]
+
+    def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
+        k_out, k_in = keep(node.outputs[0]), keep(node.inputs[0])
+        w = select(select(self._weight(node), 0, k_out), 1, k_in)
+        set_input(node, 1, w if node.attrs.get("transB", 0) else w.T)
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            c = node.inputs[2].values
+            if c.ndim and c.shape[-1] > 1:
+                set_input(node, 2, select(c, c.ndim - 1, k_out))
+
+
+class MatMulRule(Rule):
+    """MatMul x @ W with a constant 2-D W [K, N]: mixes x's last axis into N new features.
+
+    When x's channels sit on another axis (a spatial MatMul), they pass through unchanged.
+    """
+
+    def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:
+        a, b = node.inputs[:2]
+        src = cg.space(a)
+        if not isinstance(b, gs.Constant) or b.values.ndim != 2:
+            cg.freeze(src, f"MatMul node {node.name!r} multiplies two computed tensors")
+            cg.freeze(cg.space(b), f"MatMul node {node.name!r} multiplies two computed tensors")
+            return
+        r = rank(a)
+        if src is not None and r is not None and src.axis != r - 1:
+            pass_through(node, cg, src)
+            return
+        out_rank = rank(node.outputs[0]) or r or 2
+        cg.new_space(node.outputs[0], out_rank - 1, b.values.shape[1])
+        if src is not None and dim(shape_of(a), -1) == b.values.shape[0]:
+            cg.consume(node, 0)
+        else:
+            cg.freeze(src, f"MatMul node {node.name!r} reads its input in an unknown layout")
+
+    def _mixes(self, node: gs.Node, cg: ChannelGraph) -> bool:
+        out = cg.space(node.outputs[0])
+        return out is not None and not cg.node_links.get(node.name)
+
+    def backprop(self, node: gs.Node, cg: ChannelGraph, total: np.ndarray) -> None:
+        if not self._mixes(node, cg):
+            return super().backprop(node, cg, total)
+        src, out = cg.space(node.inputs[0]), cg.space(node.outputs[0])
+        if src is not None:
+            w = np.abs(node.inputs[1].values.astype(np.float64))
+            total[src.elements] += w @ total[out.elements]
+
+    def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
+        if self._mixes(node, cg):
+            w = node.inputs[1].values
+            set_input(node, 1, select(select(w, 0, keep(node.inputs[0])), 1, keep(node.outputs[0])))

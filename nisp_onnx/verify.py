@@ -1,0 +1,73 @@
+"""Stage 9: check the written model, and count what pruning saved (MACs, parameters)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .errors import NispError
+
+
+def check(proto: onnx.ModelProto) -> None:
+    """Full `onnx.checker` check; a failure here is a bug of the tool, not of the user."""
+    onnx.checker.check_model(proto, full_check=True)
+
+
+def _fixed_inputs(proto: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx.ModelProto:
+    m = onnx.ModelProto.FromString(proto.SerializeToString())
+    for inp in m.graph.input:
+        if inp.name in shapes:
+            dims = inp.type.tensor_type.shape.dim
+            for d, v in zip(dims, shapes[inp.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    del m.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(m)
+
+
+def count(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> tuple[int, int]:
+    """(MACs per sample, parameters) of a model, with inputs of the given shapes (batch first).
+
+    MACs count Conv, ConvTranspose, Gemm and MatMul; parameters are all float initializers.
+    """
+    m = _fixed_inputs(proto, input_shapes)
+    shapes = {}
+    for vi in [*m.graph.value_info, *m.graph.input, *m.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    inits = {t.name: tuple(t.dims) for t in m.graph.initializer}
+    for node in m.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    inits[node.output[0]] = tuple(a.t.dims)
+    shapes.update({k: list(v) for k, v in inits.items()})
+    macs = 0
+    for node in m.graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        if out is None or w is None or None in out:
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                raise NispError(f"cannot size node {node.name!r} to count its MACs")
+            continue
+        if node.op_type == "Conv":
+            macs += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose":
+            x = shapes.get(node.input[0])
+            macs += int(np.prod(x)) * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            a = shapes.get(node.input[0])
+            k = a[0] if node.op_type == "Gemm" and _attr(node, "transA") else a[-1]
+            macs += int(np.prod(out)) * int(k)
+    batch = max(1, int(next(iter(input_shapes.values()))[0]))
+    params = sum(
+        int(np.prod(t.dims))
+        for t in m.graph.initializer
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                           onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    )
+    return macs // batch, params
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
