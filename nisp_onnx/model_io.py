@@ -31,6 +31,16 @@ class LoadedModel:
         return gs.import_onnx(self.proto)
 
 
+def check_path(model: str | os.PathLike) -> Path:
+    """The path of an existing model file, or a NispError saying what is wrong with it."""
+    path = Path(model)
+    if not path.exists():
+        raise NispError(f"{path}: no such file; pass the path of an .onnx model")
+    if not path.is_file():
+        raise NispError(f"{path}: is a directory, not an ONNX file")
+    return path
+
+
 def _uses_external_data(proto: onnx.ModelProto) -> bool:
     return any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
@@ -42,11 +52,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
         proto, path, size, external = model, None, model.ByteSize(), False
     else:
-        path = Path(model)
-        if not path.exists():
-            raise NispError(f"{path}: no such file; pass the path of an .onnx model")
-        if not path.is_file():
-            raise NispError(f"{path}: is a directory, not an ONNX file")
+        path = check_path(model)
         try:
             header = onnx.load(str(path), load_external_data=False)
         except (DecodeError, RuntimeError, ValueError) as e:
@@ -111,7 +117,7 @@ def _name_nodes(graph: gs.Graph) -> None:
 def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph with the opset, IR version and metadata of `like`."""
     out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = like.ir_version
+    out.ir_version = max(like.ir_version, 4)  # IR 3 wants initializers listed as inputs
     del out.opset_import[:]
     out.opset_import.extend(like.opset_import)
     out.producer_name = like.producer_name

@@ -256,14 +256,10 @@ class ReshapeRule(Rule):
             return None
         lead = s[: src.axis]
         for j in range(len(t)):
-            if _prod_equal(lead, t[:j]):
-                if t[j] is None or t[j] % src.size:
-                    return None
+            if _prod_equal(lead, t[:j]) and t[j] is not None and t[j] % src.size == 0:
                 inner = t[j] // src.size
-                rest = int(np.prod(inner_in))
-                if rest == inner * int(np.prod(t[j + 1 :])):
+                if int(np.prod(inner_in)) == inner * int(np.prod(t[j + 1 :])):
                     return j, inner
-                return None
         return None
 
     def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:

@@ -1,0 +1,5 @@
+"""`python -m nisp_onnx`."""
+
+from .cli import main
+
+main()
