@@ -11,8 +11,19 @@ from .errors import NispError
 from .rules import rule_of
 
 # ops allowed between the classifier and the graph output
-_HEAD_OPS = {"Softmax", "LogSoftmax", "Identity", "Flatten", "Reshape", "Squeeze", "Cast",
-             "Sigmoid", "Dropout", "Add", "Sub"}
+_HEAD_OPS = {
+    "Softmax",
+    "LogSoftmax",
+    "Identity",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Cast",
+    "Sigmoid",
+    "Dropout",
+    "Add",
+    "Sub",
+}
 _GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax"}
 
 

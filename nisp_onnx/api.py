@@ -13,7 +13,7 @@ from .calibrate import Calibration, collect, predict
 from .channels import ChannelGraph, ChannelGroup
 from .errors import NispError
 from .infs import infs_scores
-from .model_io import export, load_model, save_model
+from .model_io import LoadedModel, export, load_model, save_model
 from .propagate import class_importance, propagate
 from .report import GroupReport, Report
 from .rewrite import rewrite
@@ -30,14 +30,16 @@ def frl_seed(cg: ChannelGraph, frl: str, calib: Calibration) -> np.ndarray:
     per_sample = calib.response_shape
     axis = space.axis - 1
     if not 0 <= axis < len(per_sample) or per_sample[axis] != space.size:
-        raise NispError(f"final response layer {frl!r} has shape {per_sample}, "
-                        f"not {space.size} channels on axis {space.axis}")
+        raise NispError(
+            f"final response layer {frl!r} has shape {per_sample}, "
+            f"not {space.size} channels on axis {space.axis}"
+        )
     scores = np.moveaxis(scores.reshape(per_sample), axis, 0)
     return scores.reshape(space.size, -1).sum(axis=1)
 
 
 def prune(
-    model_input: str | os.PathLike | onnx.ModelProto,
+    model_input: str | os.PathLike | onnx.ModelProto | LoadedModel,
     model_output: str | os.PathLike | None,
     calibration_data_reader: object,
     ratio: float = 0.5,
@@ -58,13 +60,15 @@ def prune(
     """
     if not 0 <= ratio < 1:
         raise NispError(f"--ratio must be in [0, 1), got {ratio}")
-    name = str(model_input) if not isinstance(model_input, onnx.ModelProto) else "<model>"
-    report = Report(name, str(model_output), ratio, "nisp-infs", frl or "", 0)
+    report = Report("", str(model_output), ratio, "nisp-infs", frl or "", 0)
     with report.stage("load"):
         loaded = load_model(model_input)
         graph = loaded.graph()
+        report.model_input = str(loaded.path or "<model>")
     with report.stage("analyze"):
-        opset = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+        opset = next(
+            (o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 13
+        )
         cg = analyze(graph, opset, exclude)
         if frl is None:
             frl = find_frl(graph)[0]

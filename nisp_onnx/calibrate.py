@@ -50,9 +50,7 @@ def session(proto: onnx.ModelProto, extra_outputs: tuple[str, ...] = ()) -> ort.
         )
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(
-        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def _feed(sess: ort.InferenceSession, batch: dict) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import onnx
 from . import __version__
 from .api import prune
 from .errors import NispError
-from .model_io import check_path
+from .model_io import LoadedModel, load_model
 from .readers import ArrayReader, ImageFolderReader, model_preprocess
 
 log = logging.getLogger("nisp_onnx")
@@ -27,26 +27,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="the ONNX model to prune")
     p.add_argument("output", help="where to write the pruned model")
-    p.add_argument("--calib", required=True,
-                   help="folder of images (class subfolders give labels), or .npz/.npy inputs")
-    p.add_argument("--ratio", type=float, default=0.5,
-                   help="fraction of channels removed from every channel group, in [0, 1)")
+    p.add_argument(
+        "--calib",
+        required=True,
+        help="folder of images (class subfolders give labels), or .npz/.npy inputs",
+    )
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=0.5,
+        help="fraction of channels removed from every channel group, in [0, 1)",
+    )
     d = p.add_argument_group("calibration data")
     d.add_argument("--num-samples", type=int, default=256, help="calibration inputs to use")
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--seed", type=int, default=0, help="seed for sampling calibration images")
     i = p.add_argument_group("image preprocessing (defaults read from the model input)")
     i.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input size")
-    i.add_argument("--resize", type=int, metavar="S",
-                   help="resize the short side to S, then centre crop to --size")
+    i.add_argument(
+        "--resize",
+        type=int,
+        metavar="S",
+        help="resize the short side to S, then centre crop to --size",
+    )
     i.add_argument("--scale", type=float, help="pixel scale factor (default 1/255)")
     i.add_argument("--mean", type=float, nargs="+", help="per-channel mean, after scaling")
     i.add_argument("--std", type=float, nargs="+", help="per-channel std, after scaling")
     i.add_argument("--color", choices=["rgb", "bgr", "gray"])
     m = p.add_argument_group("method")
     m.add_argument("--frl", metavar="TENSOR", help="final response layer (default: found)")
-    m.add_argument("--exclude", nargs="+", default=[], metavar="NODE",
-                   help="never prune the channels these nodes produce")
+    m.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="NODE",
+        help="never prune the channels these nodes produce",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     o.add_argument("-q", "--quiet", action="store_true", help="print errors only")
@@ -55,24 +71,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _input_info(path: str) -> tuple[list[str], list, int | None]:
-    """(input names, shape of the first input, fixed batch size or None), from the header."""
-    try:
-        header = onnx.load(path, load_external_data=False)
-    except Exception:
-        return [], [], None  # prune() reports the precise load error
-    inits = {t.name for t in header.graph.initializer}
-    inputs = [i for i in header.graph.input if i.name not in inits]
+def _input_info(proto: onnx.ModelProto) -> tuple[list[str], list, int | None]:
+    """(input names, shape of the first input, fixed batch size or None)."""
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
     if not inputs:
         return [], [], None
-    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
-            for d in inputs[0].type.tensor_type.shape.dim]
+    dims = [
+        d.dim_value if d.HasField("dim_value") else d.dim_param
+        for d in inputs[0].type.tensor_type.shape.dim
+    ]
     batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
     return [i.name for i in inputs], dims, batch
 
 
-def _reader(args: argparse.Namespace) -> ImageFolderReader | ArrayReader:
-    names, shape, fixed_batch = _input_info(args.input)
+def _reader(args: argparse.Namespace, model: LoadedModel) -> ImageFolderReader | ArrayReader:
+    names, shape, fixed_batch = _input_info(model.proto)
     batch = fixed_batch or args.batch_size
     calib = Path(args.calib)
     if calib.suffix in (".npz", ".npy"):
@@ -80,8 +94,13 @@ def _reader(args: argparse.Namespace) -> ImageFolderReader | ArrayReader:
     if not calib.is_dir():
         raise NispError(f"{calib}: --calib must be a folder of images or an .npz/.npy file")
     pre = model_preprocess(
-        shape, size=args.size, resize=args.resize, scale=args.scale,
-        mean=args.mean, std=args.std, color=args.color,
+        shape,
+        size=args.size,
+        resize=args.resize,
+        scale=args.scale,
+        mean=args.mean,
+        std=args.std,
+        color=args.color,
     )
     log.info("preprocessing: %s", pre.describe())
     num = args.num_samples
@@ -91,8 +110,10 @@ def _reader(args: argparse.Namespace) -> ImageFolderReader | ArrayReader:
     if fixed_batch and len(reader.files) % fixed_batch:
         keep = len(reader.files) - len(reader.files) % fixed_batch
         if keep == 0:
-            raise NispError(f"{calib}: the model runs batches of {fixed_batch} but only "
-                            f"{len(reader.files)} images were found")
+            raise NispError(
+                f"{calib}: the model runs batches of {fixed_batch} but only "
+                f"{len(reader.files)} images were found"
+            )
         reader.files = reader.files[:keep]
     return reader
 
@@ -100,17 +121,24 @@ def _reader(args: argparse.Namespace) -> ImageFolderReader | ArrayReader:
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, prune, print; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s", stream=sys.stderr,
-                        level=logging.ERROR if args.quiet else logging.INFO)
+    logging.basicConfig(
+        format="%(message)s", stream=sys.stderr, level=logging.ERROR if args.quiet else logging.INFO
+    )
     if not 0 <= args.ratio < 1:
         raise NispError(f"--ratio must be in [0, 1), got {args.ratio}")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise NispError(f"{args.output}: refusing to overwrite the input model")
-    check_path(args.input)
-    reader = _reader(args)
+    model = load_model(args.input)
+    reader = _reader(args, model)
     report = prune(
-        args.input, args.output, reader, args.ratio, frl=args.frl, exclude=args.exclude,
-        num_samples=args.num_samples, progress=not args.quiet and sys.stderr.isatty(),
+        model,
+        args.output,
+        reader,
+        args.ratio,
+        frl=args.frl,
+        exclude=args.exclude,
+        num_samples=args.num_samples,
+        progress=not args.quiet and sys.stderr.isatty(),
     )
     report.preprocess = reader.preprocess.describe() if hasattr(reader, "preprocess") else None
     if args.report:

@@ -42,13 +42,13 @@ def check_path(model: str | os.PathLike) -> Path:
 
 
 def _uses_external_data(proto: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
-    )
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
 
 
-def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
+def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
     """Read an ONNX model (path or proto), fold constant subgraphs and infer shapes."""
+    if isinstance(model, LoadedModel):
+        return model
     if isinstance(model, onnx.ModelProto):
         proto, path, size, external = model, None, model.ByteSize(), False
     else:

@@ -108,7 +108,9 @@ def image_files(folder: Path) -> tuple[list[Path], np.ndarray | None, list[str]]
         p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not files:
-        raise NispError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise NispError(
+            f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     parents = [p.relative_to(folder).parts for p in files]
     if all(len(parts) == 2 for parts in parents):
         classes = sorted({parts[0] for parts in parents})

@@ -100,11 +100,11 @@ class Report:
         )
         shown = self.groups if verbose else pruned[:0]
         for g in shown:
-            lines.append(f"    group {g.id}: kept {g.kept}/{g.channels}  ({', '.join(g.nodes[:4])}"
-                         f"{', ...' if len(g.nodes) > 4 else ''})")
+            lines.append(
+                f"    group {g.id}: kept {g.kept}/{g.channels}  ({', '.join(g.nodes[:4])}"
+                f"{', ...' if len(g.nodes) > 4 else ''})"
+            )
         for g in frozen:
             lines.append(f"    frozen group {g.id} ({g.channels} ch): {'; '.join(g.reasons)}")
-        lines.append(
-            "  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
-        )
+        lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         return "\n".join(lines)

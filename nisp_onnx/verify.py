@@ -63,8 +63,13 @@ def count(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> tuple[int, 
     params = sum(
         int(np.prod(t.dims))
         for t in m.graph.initializer
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                           onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+        if t.data_type
+        in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.FLOAT16,
+            onnx.TensorProto.DOUBLE,
+            onnx.TensorProto.BFLOAT16,
+        )
     )
     return macs // batch, params
 

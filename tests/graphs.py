@@ -25,8 +25,9 @@ class Builder:
 
     def op(self, op_type, *inputs, outputs=1, **attrs):
         outs = [self._name(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._name(op_type),
-                                           **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), outs, name=self._name(op_type), **attrs)
+        )
         return outs[0] if outputs == 1 else outs
 
     def weight(self, *shape):
@@ -36,28 +37,42 @@ class Builder:
         ins = [x, self.weight(cout, cin // group, k, k)]
         if bias:
             ins.append(self.const(self.rng.standard_normal(cout) * 0.1))
-        return self.op("Conv", *ins, kernel_shape=[k, k], pads=[k // 2] * 4, group=group,
-                       strides=[stride, stride])
+        return self.op(
+            "Conv",
+            *ins,
+            kernel_shape=[k, k],
+            pads=[k // 2] * 4,
+            group=group,
+            strides=[stride, stride],
+        )
 
     def bn(self, x, c):
         r = self.rng
-        return self.op("BatchNormalization", x, self.const(r.uniform(0.5, 1.5, c)),
-                       self.const(r.standard_normal(c) * 0.1), self.const(r.standard_normal(c) * 0.1),
-                       self.const(r.uniform(0.5, 1.5, c)), epsilon=1e-5)
+        return self.op(
+            "BatchNormalization",
+            x,
+            self.const(r.uniform(0.5, 1.5, c)),
+            self.const(r.standard_normal(c) * 0.1),
+            self.const(r.standard_normal(c) * 0.1),
+            self.const(r.uniform(0.5, 1.5, c)),
+            epsilon=1e-5,
+        )
 
     def cbr(self, x, cin, cout, **kw):
         return self.op("Relu", self.bn(self.conv(x, cin, cout, bias=False, **kw), cout))
 
     def gemm(self, x, k, n):
-        return self.op("Gemm", x, self.weight(n, k), self.const(self.rng.standard_normal(n) * 0.1),
-                       transB=1)
+        return self.op(
+            "Gemm", x, self.weight(n, k), self.const(self.rng.standard_normal(n) * 0.1), transB=1
+        )
 
     def head(self, x, c, classes=5):
         return self.gemm(self.op("Flatten", self.op("GlobalAveragePool", x)), c, classes)
 
     def model(self, *outputs):
         graph = helper.make_graph(
-            self.nodes, "g",
+            self.nodes,
+            "g",
             [helper.make_tensor_value_info(self.input, TensorProto.FLOAT, ["N", *self.shape[1:]])],
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
             self.inits,

@@ -52,8 +52,14 @@ def inception(b):
 def option_a(b):
     s = b.cbr(b.input, 3, 4)
     y = b.bn(b.conv(b.cbr(s, 4, 8, stride=2), 8, 8, bias=False), 8)
-    sc = b.op("Slice", s, b.const([0, 0], np.int64), b.const([2**62, 2**62], np.int64),
-              b.const([2, 3], np.int64), b.const([2, 2], np.int64))
+    sc = b.op(
+        "Slice",
+        s,
+        b.const([0, 0], np.int64),
+        b.const([2**62, 2**62], np.int64),
+        b.const([2, 3], np.int64),
+        b.const([2, 2], np.int64),
+    )
     sc = b.op("Pad", sc, b.const([0, 2, 0, 0, 0, 2, 0, 0], np.int64), mode="constant")
     s = b.op("Relu", b.op("Add", y, sc))
     return b.model(b.head(s, 8))
@@ -88,8 +94,13 @@ def split_concat(b):
     left, right = b.op("Split", x, b.const([4, 4], np.int64), axis=1, outputs=2)
     right = b.cbr(right, 4, 4)
     x = b.op("Concat", left, right, axis=1)
-    x = b.op("Slice", b.cbr(x, 8, 10), b.const([2], np.int64), b.const([9], np.int64),
-             b.const([1], np.int64))
+    x = b.op(
+        "Slice",
+        b.cbr(x, 8, 10),
+        b.const([2], np.int64),
+        b.const([9], np.int64),
+        b.const([1], np.int64),
+    )
     x = b.op("ReduceMean", b.op("Relu", x), axes=[2, 3], keepdims=0)
     return b.model(b.gemm(x, 7, 3))
 
@@ -98,8 +109,11 @@ def transformer_mlp(b):
     b.shape = (2, 6, 16)
     h = b.op("MatMul", b.input, b.weight(16, 32))
     h = b.op("Add", h, b.const(np.zeros(32)))
-    g = b.op("Mul", b.op("Mul", h, b.const(0.5)),  # GELU as Erf
-             b.op("Add", b.op("Erf", b.op("Div", h, b.const(np.sqrt(2)))), b.const(1.0)))
+    g = b.op(
+        "Mul",
+        b.op("Mul", h, b.const(0.5)),  # GELU as Erf
+        b.op("Add", b.op("Erf", b.op("Div", h, b.const(np.sqrt(2)))), b.const(1.0)),
+    )
     y = b.op("MatMul", g, b.weight(32, 16))
     t = b.op("Transpose", b.op("Add", y, b.input), perm=[0, 2, 1])
     t = b.op("ReduceMean", t, axes=[2], keepdims=0)
@@ -114,8 +128,18 @@ def unknown_op(b):
     return b.model(b.head(x, 8))
 
 
-CASES = [chain, residual_activations, mobilenet, inception, option_a, flatten_map,
-         squeeze_excite, split_concat, transformer_mlp, unknown_op]
+CASES = [
+    chain,
+    residual_activations,
+    mobilenet,
+    inception,
+    option_a,
+    flatten_map,
+    squeeze_excite,
+    split_concat,
+    transformer_mlp,
+    unknown_op,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
@@ -135,8 +159,9 @@ def test_ratio_zero_reproduces_original(case):
     model = case(b)
     pruned, _, keep = check_equivalent(model, b.feed(), ratio=0.0)
     assert keep.all()
-    np.testing.assert_allclose(run(pruned, b.feed())[0], run(model, b.feed())[0], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        run(pruned, b.feed())[0], run(model, b.feed())[0], rtol=1e-5, atol=1e-6
+    )
 
 
 def _group_of(model, tensor):

@@ -21,8 +21,10 @@ SIZE = 16
 def images() -> tuple[np.ndarray, np.ndarray]:
     """Digits as 16x16 uint8 images (upsampled the way the PNGs are stored)."""
     d = load_digits()
-    x = [Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((SIZE, SIZE), Image.BILINEAR)
-         for im in d.images]
+    x = [
+        Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((SIZE, SIZE), Image.BILINEAR)
+        for im in d.images
+    ]
     return np.stack([np.asarray(im) for im in x]), d.target
 
 
@@ -40,11 +42,13 @@ class Block(nn.Module):
 class DigitsResNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
         self.stage1 = nn.Sequential(Block(16), Block(16))
-        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
-                                  nn.BatchNorm2d(32), nn.ReLU())
+        self.down = nn.Sequential(
+            nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
+        )
         self.stage2 = nn.Sequential(Block(32), Block(32))
         self.head = nn.Linear(32, 10)
 
@@ -63,7 +67,7 @@ def main():
     yt = torch.tensor(y)
     model = DigitsResNet()
     opt = torch.optim.Adam(model.parameters(), 3e-3, weight_decay=1e-4)
-    for epoch in range(40):
+    for _epoch in range(40):
         model.train()
         for idx in np.array_split(rng.permutation(train), len(train) // 64):
             loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
@@ -75,9 +79,16 @@ def main():
         acc = (model(xt[test]).argmax(1) == yt[test]).float().mean().item()
     print(f"held-out accuracy: {100 * acc:.2f}% on {len(test)} images")
     ROOT.mkdir(exist_ok=True)
-    torch.onnx.export(model, xt[:1], ROOT / "digits_resnet.onnx", input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        model,
+        xt[:1],
+        ROOT / "digits_resnet.onnx",
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        opset_version=17,
+        dynamo=False,
+    )
     for i in test:
         folder = ROOT / "digits_calib" / str(y[i])
         folder.mkdir(parents=True, exist_ok=True)

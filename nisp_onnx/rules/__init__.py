@@ -20,7 +20,8 @@ from .mixing import ConvRule, GemmRule, MatMulRule
 
 _UNARY = """Relu LeakyRelu Clip Sigmoid Tanh HardSigmoid HardSwish Elu Selu Celu Softplus Softsign
 Gelu Erf Mish ThresholdedRelu Abs Neg Exp Log Sqrt Reciprocal Floor Ceil Round Sign Sin Cos
-Identity Dropout Cast MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool""".split()
+Identity Dropout Cast MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool
+GlobalLpPool""".split()
 _BROADCAST = "Add Sub Mul Div Pow Max Min Sum Mean PRelu".split()
 _REDUCE = """ReduceMean ReduceMax ReduceMin ReduceSum ReduceProd ReduceL1 ReduceL2 ReduceLogSum
 ReduceLogSumExp ReduceSumSquare Squeeze Unsqueeze""".split()
@@ -53,8 +54,6 @@ UNKNOWN = Rule()
 def rule_for(op_type: str) -> Rule:
     """The rule of an op type; ops without one get the rule that freezes what they touch."""
     return REGISTRY.get(op_type, UNKNOWN)
-
-
 
 
 def rule_of(node: object) -> Rule:

@@ -89,8 +89,11 @@ class BroadcastRule(Rule):
             elif not isinstance(t, gs.Constant):
                 r = rank(t)
                 if r is None or (r >= out_rank - axis and dim(shape_of(t), axis - out_rank) != 1):
-                    cg.freeze(out, f"{node.op} node {node.name!r} combines channels with "
-                              f"{t.name!r}, whose channels cannot be cut")
+                    cg.freeze(
+                        out,
+                        f"{node.op} node {node.name!r} combines channels with "
+                        f"{t.name!r}, whose channels cannot be cut",
+                    )
 
     def _factor(self, node: gs.Node, cg: ChannelGraph, index: int) -> np.ndarray | float:
         """|c| per channel for Mul by a constant c, 1/|c| for Div by it, else 1."""

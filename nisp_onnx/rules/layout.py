@@ -50,8 +50,9 @@ class ConcatRule(Rule):
             if sp is not None:
                 cg.link(sp, out, idx, offset + idx)
             else:
-                cg.freeze(out, f"Concat node {node.name!r} takes channels of {t.name!r}",
-                          offset + idx)
+                cg.freeze(
+                    out, f"Concat node {node.name!r} takes channels of {t.name!r}", offset + idx
+                )
             offset += size
 
 
@@ -288,9 +289,7 @@ def _prod_equal(a: list, b: list) -> bool:
     """Whether two lists of dims have equal products (unknown dims match only each other)."""
     known_a = [d for d in a if d is not None]
     known_b = [d for d in b if d is not None]
-    return (len(a) - len(known_a) == len(b) - len(known_b)) and np.prod(known_a) == np.prod(
-        known_b
-    )
+    return (len(a) - len(known_a) == len(b) - len(known_b)) and np.prod(known_a) == np.prod(known_b)
 
 
 class TransposeRule(Rule):
@@ -330,8 +329,11 @@ class ReduceRule(Rule):
         axes = {_norm(int(a), r_in) for a in axes}
         if not axes:
             everything = node.op != "Squeeze" and not node.attrs.get("noop_with_empty_axes", 0)
-            axes = set(range(r_in)) if everything else {a for a in range(r_in)
-                                                       if dim(shape_of(node.inputs[0]), a) == 1}
+            axes = (
+                set(range(r_in))
+                if everything
+                else {a for a in range(r_in) if dim(shape_of(node.inputs[0]), a) == 1}
+            )
         if src.axis in axes:
             cg.freeze(src, f"{node.op} node {node.name!r} reduces over the channel axis")
             return

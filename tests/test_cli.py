@@ -1,0 +1,79 @@
+"""The command line on the bundled sample, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "models" / "digits_resnet.onnx"
+CALIB = ROOT / "models" / "digits_calib"
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "nisp_onnx", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_prunes_bundled_sample(tmp_path):
+    out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    r = cli(SAMPLE, out, "--calib", CALIB, "--ratio", "0.5", "--report", report)
+    assert r.returncode == 0, r.stderr
+    assert "MACs" in r.stdout and "preprocessing: resize to 16x16, gray" in r.stderr
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    data = json.loads(report.read_text())
+    assert data["version"] == 1 and data["samples"] == 256
+    assert 0.6 < data["macs_reduction"] < 0.9
+    assert data["accuracy_before"] > 0.85
+    x = np.random.default_rng(0).random((3, 1, 16, 16), dtype=np.float32)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": x})[0].shape == (3, 10)
+
+
+def test_ratio_zero_keeps_the_function(tmp_path):
+    out = tmp_path / "same.onnx"
+    r = cli(SAMPLE, out, "--calib", CALIB, "--ratio", "0", "-q", "--num-samples", "40")
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(0).random((4, 1, 16, 16), dtype=np.float32)
+    before = ort.InferenceSession(str(SAMPLE)).run(None, {"input": x})[0]
+    after = ort.InferenceSession(str(out)).run(None, {"input": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.onnx", "OUT", "--calib", CALIB], "missing.onnx: no such file"),
+        ([SAMPLE, "OUT", "--calib", "EMPTY"], "no images found"),
+        ([SAMPLE, "OUT", "--calib", CALIB, "--ratio", "1"], "--ratio must be in [0, 1)"),
+        ([SAMPLE, "OUT", "--calib", CALIB, "--ratio", "-0.1"], "--ratio must be in [0, 1)"),
+        ([SAMPLE, "OUT", "--calib", "NOTHERE"], "--calib must be a folder of images"),
+        (["NOTONNX", "OUT", "--calib", CALIB], "not a valid ONNX file"),
+        ([SAMPLE, "OUT", "--calib", CALIB, "--frl", "nope"], "'nope': the model has no tensor"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, args, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "NOTONNX").write_bytes(b"this is not a model")
+    subst = {
+        "OUT": tmp_path / "out.onnx",
+        "EMPTY": tmp_path / "EMPTY",
+        "NOTHERE": tmp_path / "nothere",
+        "NOTONNX": tmp_path / "NOTONNX",
+    }
+    r = cli(*[subst.get(a, a) if isinstance(a, str) else a for a in args])
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("nisp-onnx: error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out.onnx").exists()
+    assert not list(tmp_path.glob(".out.onnx*"))
