@@ -98,9 +98,7 @@ def prune(
         if labels is not None and len(labels) == calib.count:
             report.accuracy_before = float((calib.predictions == labels).mean())
             report.accuracy_after = float((preds == labels).mean())
-        shapes = {k: (1, *v.shape[1:]) for k, v in calib.batches[0].items()}
-        if any(isinstance(d, int) and d > 1 for d in _batch_dims(loaded.proto)):
-            shapes = {k: v.shape for k, v in calib.batches[0].items()}
+        shapes = {k: v.shape for k, v in calib.batches[0].items()}
         report.macs_before, report.params_before = count(loaded.proto, shapes)
         report.macs_after, report.params_after = count(pruned, shapes)
         report.size_before = loaded.file_size
@@ -110,16 +108,6 @@ def prune(
     else:
         report.size_after = pruned.ByteSize()
     return report
-
-
-def _batch_dims(proto: onnx.ModelProto) -> list:
-    inits = {t.name for t in proto.graph.initializer}
-    dims = []
-    for inp in proto.graph.input:
-        if inp.name not in inits and inp.type.tensor_type.shape.dim:
-            d = inp.type.tensor_type.shape.dim[0]
-            dims.append(d.dim_value if d.HasField("dim_value") else None)
-    return dims
 
 
 def _group_report(g: ChannelGroup, removed: np.ndarray) -> GroupReport:

@@ -17,8 +17,6 @@ import onnx_graphsurgeon as gs
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .model_io import tensor_values
-
 
 @dataclass
 class Space:
@@ -167,11 +165,6 @@ class ChannelGraph:
             cls = np.unique(np.concatenate([element_class[sp.elements] for sp in g.spaces]))
             g.classes, g.frozen = cls, frozen_class[cls]
         return groups
-
-
-def constant(tensor: gs.Tensor) -> np.ndarray | None:
-    """Values of a constant input, or None when it is computed at run time."""
-    return tensor_values(tensor)
 
 
 def shape_of(tensor: gs.Tensor) -> tuple | None:

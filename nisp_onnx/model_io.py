@@ -7,7 +7,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
@@ -154,10 +153,3 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if external_data:
         size += (folder / data_name).stat().st_size
     return size
-
-
-def tensor_values(tensor: gs.Tensor) -> np.ndarray | None:
-    """The values of a graphsurgeon constant, or None for a variable."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    return None

@@ -94,17 +94,20 @@ class Report:
                 f"{pct(self.accuracy_after)}"
             )
         pruned = [g for g in self.groups if g.kept < g.channels]
-        frozen = [g for g in self.groups if g.frozen == g.channels]
+        frozen = [g for g in self.groups if g.frozen]
         lines.append(
-            f"  channel groups: {len(self.groups)}, pruned {len(pruned)}, frozen {len(frozen)}"
+            f"  channel groups: {len(self.groups)}, pruned {len(pruned)}, "
+            f"with frozen channels {len(frozen)}"
         )
-        shown = self.groups if verbose else pruned[:0]
-        for g in shown:
+        for g in self.groups if verbose else []:
+            more = ", ..." if len(g.nodes) > 4 else ""
             lines.append(
-                f"    group {g.id}: kept {g.kept}/{g.channels}  ({', '.join(g.nodes[:4])}"
-                f"{', ...' if len(g.nodes) > 4 else ''})"
+                f"    group {g.id}: kept {g.kept}/{g.channels} ({', '.join(g.nodes[:4])}{more})"
             )
         for g in frozen:
-            lines.append(f"    frozen group {g.id} ({g.channels} ch): {'; '.join(g.reasons)}")
+            lines.append(
+                f"    group {g.id}: {g.frozen} of {g.channels} channels frozen: "
+                + "; ".join(g.reasons)
+            )
         lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
