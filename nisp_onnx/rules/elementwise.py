@@ -95,7 +95,7 @@ class BroadcastRule(Rule):
                         f"{t.name!r}, whose channels cannot be cut",
                     )
 
-    def _factor(self, node: gs.Node, cg: ChannelGraph, index: int) -> np.ndarray | float:
+    def gain(self, node: gs.Node, cg: ChannelGraph, link: Link) -> np.ndarray | float:
         """|c| per channel for Mul by a constant c, 1/|c| for Div by it, else 1."""
         out = cg.space(node.outputs[0])
         const = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)]
@@ -115,10 +115,6 @@ class BroadcastRule(Rule):
             return np.full(size, c.mean() if c.size else 1.0)
         other = tuple(a for a in range(c.ndim) if a != c.ndim + axis)
         return c.mean(axis=other)
-
-    def gain(self, node: gs.Node, cg: ChannelGraph, link: Link) -> np.ndarray | float:
-        index = next(i for i, t in enumerate(node.inputs) if t.name == link.a.tensor)
-        return self._factor(node, cg, index)
 
     def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
         out = cg.space(node.outputs[0])
