@@ -15,6 +15,8 @@ from .errors import NispError
 from .infs import infs_scores
 from .model_io import LoadedModel, export, load_model, save_model
 from .propagate import class_importance, propagate
+from .repair import MODES
+from .repair import repair as fit_layers
 from .report import GroupReport, Report
 from .rewrite import rewrite
 from .select import select
@@ -48,6 +50,8 @@ def prune(
     exclude: Iterable[str] = (),
     num_samples: int | None = None,
     labels: np.ndarray | None = None,
+    repair: str = "ls",
+    seed: int = 0,
     progress: bool = False,
 ) -> Report:
     """Prune `ratio` of the channels of every channel group of a model with NISP + Inf-FS.
@@ -56,11 +60,15 @@ def prune(
     None (onnxruntime's `CalibrationDataReader` works). The model is verified (full checker,
     an onnxruntime session, top-1 agreement on the calibration inputs) before it is written
     to `model_output` (None writes nothing). `labels`, when given, align with the samples read
-    (readers with a `labels` attribute provide them themselves).
+    (readers with a `labels` attribute provide them themselves). `repair` is "ls" (least-squares
+    reconstruction of every layer that reads pruned channels), "bias" (bias compensation only)
+    or "none".
     """
     if not 0 <= ratio < 1:
         raise NispError(f"--ratio must be in [0, 1), got {ratio}")
-    report = Report("", str(model_output), ratio, "nisp-infs", frl or "", 0)
+    if repair not in MODES:
+        raise NispError(f"--repair must be one of {', '.join(MODES)}, got {repair!r}")
+    report = Report("", str(model_output), ratio, "nisp-infs", frl or "", 0, repair=repair)
     with report.stage("load"):
         loaded = load_model(model_input)
         graph = loaded.graph()
@@ -79,18 +87,29 @@ def prune(
         calib = collect(loaded.proto, calibration_data_reader, frl, num_samples, progress)
         report.samples = calib.count
     with report.stage("rank"):
-        seed = frl_seed(cg, frl, calib)
+        scores = frl_seed(cg, frl, calib)
     with report.stage("propagate"):
-        direct = propagate(cg, cg.by_tensor[frl], seed)
+        direct = propagate(cg, cg.by_tensor[frl], scores)
     with report.stage("select"):
         element_class = cg.classes()
         groups = cg.groups(element_class)
         removed = select(groups, element_class, class_importance(direct, element_class), ratio)
         report.groups = [_group_report(g, removed) for g in groups]
     with report.stage("rewrite"):
-        pruned = export(rewrite(cg, ~removed[element_class]), loaded.proto)
-        pruned = onnx.shape_inference.infer_shapes(pruned)
+        keep = ~removed[element_class]
+        changed = {sp.tensor for sp in cg.spaces if not keep[sp.elements].all()}
+        out_keep = {
+            n.name: (sp.axis, keep[sp.elements])
+            for n in graph.nodes
+            if n.outputs and (sp := cg.space(n.outputs[0])) is not None
+        }
+        graph = rewrite(cg, keep)
+    with report.stage("repair"):
+        report.layers = fit_layers(
+            graph, loaded.proto, changed, out_keep, calib.batches, repair, seed
+        )
     with report.stage("verify"):
+        pruned = onnx.shape_inference.infer_shapes(export(graph, loaded.proto))
         check(pruned)
         preds = predict(pruned, calib.batches)
         report.agreement = float((preds == calib.predictions).mean())

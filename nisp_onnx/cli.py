@@ -15,6 +15,7 @@ from .api import prune
 from .errors import NispError
 from .model_io import LoadedModel, load_model
 from .readers import ArrayReader, ImageFolderReader, model_preprocess
+from .repair import MODES
 
 log = logging.getLogger("nisp_onnx")
 
@@ -62,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NODE",
         help="never prune the channels these nodes produce",
+    )
+    r = p.add_argument_group("repair (after pruning, from the calibration data)")
+    r.add_argument(
+        "--repair",
+        choices=MODES,
+        default="ls",
+        help="ls: least-squares refit of every layer that reads pruned channels (default); "
+        "bias: bias compensation only; none: no repair",
+    )
+    r.add_argument(
+        "--no-repair", dest="repair", action="store_const", const="none", help="= --repair none"
     )
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
@@ -138,6 +150,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         frl=args.frl,
         exclude=args.exclude,
         num_samples=args.num_samples,
+        repair=args.repair,
+        seed=args.seed,
         progress=not args.quiet and sys.stderr.isatty(),
     )
     report.preprocess = reader.preprocess.describe() if hasattr(reader, "preprocess") else None

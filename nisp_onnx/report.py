@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .repair import LayerRepair
+
 REPORT_VERSION = 1
 
 
@@ -44,7 +46,9 @@ class Report:
     agreement: float | None = None
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    repair: str = "ls"
     groups: list[GroupReport] = field(default_factory=list)
+    layers: list[LayerRepair] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     version: int = REPORT_VERSION
 
@@ -92,6 +96,17 @@ class Report:
             lines.append(
                 f"  top-1 accuracy (calibration labels): {pct(self.accuracy_before)} -> "
                 f"{pct(self.accuracy_after)}"
+            )
+        if self.layers:
+            before = sum(la.error_before for la in self.layers) / len(self.layers)
+            after = sum(la.error_after for la in self.layers) / len(self.layers)
+            lines.append(
+                f"  repair ({self.repair}): {len(self.layers)} layers refitted, mean relative "
+                f"output error {before:.4f} -> {after:.4f}"
+            )
+        for la in self.layers if verbose else []:
+            lines.append(
+                f"    {la.node}: {la.method}, error {la.error_before:.4f} -> {la.error_after:.4f}"
             )
         pruned = [g for g in self.groups if g.kept < g.channels]
         frozen = [g for g in self.groups if g.frozen]

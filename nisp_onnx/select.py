@@ -11,7 +11,7 @@ def select(
     groups: list[ChannelGroup],
     element_class: np.ndarray,
     importance: np.ndarray,
-    ratio: float,
+    ratio: float | list[float],
 ) -> np.ndarray:
     """Boolean mask over classes: true where the class is removed.
 
@@ -19,13 +19,15 @@ def select(
     important first, keeping at least one: tensors with the fewest channels choose first, and
     a channel shared with a tensor that has met its quota is not taken (in an "option A"
     ResNet the narrow early stream and the wide late stream both lose `ratio`). Ties go to the
-    lower class id, so the choice is deterministic.
+    lower class id, so the choice is deterministic. `ratio` is one for all groups or one
+    per group.
     """
+    ratios = [ratio] * len(groups) if np.ndim(ratio) == 0 else list(ratio)
     removed = np.zeros(len(importance), dtype=bool)
     frozen = np.zeros(len(importance), dtype=bool)
     for g in groups:
         frozen[g.classes[g.frozen]] = True
-    for g in groups:
+    for g, ratio in zip(groups, ratios):
         per_space = [np.unique(element_class[sp.elements]) for sp in g.spaces]
         quota = {
             i: min(int(round(ratio * (~frozen[c]).sum())), len(c) - 1)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..channels import ChannelGraph, Link, Space, shape_of
+
+if TYPE_CHECKING:
+    from .linear import Linear
 
 # keep(tensor) -> boolean mask over the tensor's channel space, or None when it has no space
 Keep = Callable[[gs.Tensor], "np.ndarray | None"]
@@ -36,6 +40,10 @@ class Rule:
 
     def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
         """Cut parameters and attributes of `node` to the kept channels (default: nothing)."""
+
+    def linear(self, node: gs.Node) -> Linear | None:
+        """The node as `y = x W + b` for least-squares repair, if it is one (default: not)."""
+        return None
 
 
 def _expand(gain: np.ndarray | float, lk: Link) -> np.ndarray | float:

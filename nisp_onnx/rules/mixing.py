@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 
 from ..channels import ChannelGraph, dim, shape_of
 from .base import Keep, Rule, pass_through, rank, select, set_input
+from .linear import ConvLinear, GemmLinear, Linear, MatMulLinear
 
 
 class ConvRule(Rule):
@@ -59,6 +60,9 @@ class ConvRule(Rule):
         if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
             set_input(node, 2, select(node.inputs[2].values, 0, k_out))
 
+    def linear(self, node: gs.Node) -> Linear | None:
+        return ConvLinear(node) if isinstance(node.inputs[1], gs.Constant) else None
+
 
 class GemmRule(Rule):
     """Gemm y = A B (+ C) with constant B; A's feature axis is consumed, y's starts anew."""
@@ -90,6 +94,11 @@ class GemmRule(Rule):
             c = node.inputs[2].values
             if c.ndim and c.shape[-1] > 1:
                 set_input(node, 2, select(c, c.ndim - 1, k_out))
+
+    def linear(self, node: gs.Node) -> Linear | None:
+        if isinstance(node.inputs[1], gs.Constant) and not node.attrs.get("transA", 0):
+            return GemmLinear(node)
+        return None
 
 
 class MatMulRule(Rule):
@@ -132,3 +141,7 @@ class MatMulRule(Rule):
         if self._mixes(node, cg):
             w = node.inputs[1].values
             set_input(node, 1, select(select(w, 0, keep(node.inputs[0])), 1, keep(node.outputs[0])))
+
+    def linear(self, node: gs.Node) -> Linear | None:
+        w = node.inputs[1]
+        return MatMulLinear(node) if isinstance(w, gs.Constant) and w.values.ndim == 2 else None

@@ -1,0 +1,160 @@
+"""Repair: the linear view of each mixing op, and least-squares refits after pruning."""
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from equivalence import run
+from graphs import Builder
+from onnx import TensorProto, helper, numpy_helper
+from test_rules import mobilenet, residual_activations, transformer_mlp
+
+from nisp_onnx import ArrayReader, analyze, load_model, prune, rewrite
+from nisp_onnx.model_io import export
+from nisp_onnx.repair import repair
+from nisp_onnx.rules import rule_of
+
+
+def single(op, x_shape, w_shape, bias=None, **attrs):
+    """A one-node model `op(x, W[, B])` with random constants, and a random input."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w")]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(rng.standard_normal(bias).astype(np.float32), "b"))
+    node = helper.make_node(op, ["x", "w"] + (["b"] if bias else []), ["y"], name="n", **attrs)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, {"x": rng.standard_normal(x_shape).astype(np.float32)}
+
+
+LINEAR_OPS = {
+    "conv": ("Conv", (2, 4, 9, 8), (6, 4, 3, 3), (6,), {"pads": [1, 0, 2, 1]}),
+    "conv_strided_dilated": (
+        "Conv",
+        (2, 3, 11, 10),
+        (4, 3, 3, 2),
+        None,
+        {"strides": [2, 3], "dilations": [2, 1], "pads": [2, 1, 0, 1]},
+    ),
+    "conv_same_upper": ("Conv", (1, 2, 7, 6), (3, 2, 4, 4), (3,), {"auto_pad": "SAME_UPPER"}),
+    "conv_same_lower": (
+        "Conv",
+        (1, 2, 7, 6),
+        (3, 2, 4, 3),
+        None,
+        {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
+    ),
+    "conv_valid_1d": ("Conv", (2, 3, 12), (5, 3, 3), (5,), {"auto_pad": "VALID"}),
+    "conv_grouped": ("Conv", (2, 6, 5, 5), (4, 3, 3, 3), (4,), {"group": 2, "pads": [1] * 4}),
+    "conv_depthwise_x2": ("Conv", (2, 3, 6, 6), (6, 1, 3, 3), (6,), {"group": 3}),
+    "gemm": ("Gemm", (5, 7), (3, 7), (3,), {"transB": 1, "alpha": 0.5, "beta": 2.0}),
+    "gemm_no_bias": ("Gemm", (5, 7), (7, 3), None, {}),
+    "gemm_row_bias": ("Gemm", (5, 7), (7, 3), (1, 3), {}),
+    "matmul_3d": ("MatMul", (2, 5, 7), (7, 4), None, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR_OPS))
+def test_linear_view_computes_the_op(case):
+    """patches @ params reproduce the op's own output at sampled positions, and writing
+    params back (bias added where there was none) leaves the model's function unchanged."""
+    op, x_shape, w_shape, bias, attrs = LINEAR_OPS[case]
+    model, feed = single(op, x_shape, w_shape, bias, **attrs)
+    (y,) = run(model, feed)
+    graph = gs.import_onnx(model)
+    lin = rule_of(graph.nodes[0]).linear(graph.nodes[0])
+    pos = lin.positions(y.shape, 4, np.random.default_rng(1))
+    theta = lin.params()
+    x = lin.patches(feed["x"], pos)
+    x1 = np.concatenate([x, np.ones(x.shape[:2] + (1,), x.dtype)], axis=2)
+    np.testing.assert_allclose(x1 @ theta, lin.outputs(y, pos, None), rtol=1e-4, atol=1e-4)
+
+    theta[:, -1] += 0.25  # a bias change is visible in the rewritten model
+    added = lin.set_params(theta)
+    graph.nodes.extend(added)
+    (y2,) = run(export(graph.toposort(), model), feed)
+    np.testing.assert_allclose(y2, y + 0.25, rtol=1e-4, atol=1e-4)
+
+
+def _pruned(model, keep_fn):
+    """Rewrite `model` keeping the channels `keep_fn(cg)` chooses; also what repair needs."""
+    loaded = load_model(model)
+    graph = loaded.graph()
+    cg = analyze(graph, 17, ())
+    keep = keep_fn(cg)
+    changed = {sp.tensor for sp in cg.spaces if not keep[sp.elements].all()}
+    out_keep = {
+        n.name: (sp.axis, keep[sp.elements])
+        for n in graph.nodes
+        if (sp := cg.space(n.outputs[0])) is not None
+    }
+    return loaded, rewrite(cg, keep), changed, out_keep
+
+
+def test_least_squares_restores_a_redundant_channel():
+    """Conv1's channel 3 is twice channel 1: cutting it loses nothing a refit cannot restore."""
+    b = Builder(opset=17)
+    w1 = b.rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w1[3] = 2 * w1[1]
+    bias1 = b.rng.standard_normal(4).astype(np.float32)
+    bias1[3] = 2 * bias1[1]
+    h = b.op("Conv", b.input, b.const(w1), b.const(bias1), pads=[1] * 4)
+    y = b.op("Conv", h, b.weight(5, 4, 3, 3), b.const(np.zeros(5)), pads=[1] * 4)
+    model = b.model(b.op("Flatten", y))
+    feeds = [b.feed(seed) for seed in range(4)]
+
+    def keep_fn(cg):
+        keep = np.ones(cg.n_elements, bool)
+        keep[cg.by_tensor[h].start + 3] = False
+        return keep
+
+    loaded, graph, changed, out_keep = _pruned(model, keep_fn)
+    unrepaired = run(export(graph.copy(), loaded.proto), feeds[0])[0]
+    layers = repair(graph, loaded.proto, changed, out_keep, feeds, "ls")
+    repaired = run(export(graph, loaded.proto), feeds[0])[0]
+    want = run(model, feeds[0])[0]
+    scale = np.abs(want).max()
+    assert np.abs(unrepaired - want).max() > 0.05 * scale
+    np.testing.assert_allclose(repaired, want, atol=1e-2 * scale)  # ridge: near, not exact
+    assert [la.node for la in layers] == [b.nodes[1].name]
+    assert layers[0].error_before > 0.01 and layers[0].error_after < 1e-4
+
+
+@pytest.mark.parametrize("case", [residual_activations, mobilenet, transformer_mlp])
+@pytest.mark.parametrize("mode", ["ls", "bias"])
+def test_repair_brings_outputs_closer(case, mode, tmp_path):
+    """Every refitted layer ends no worse on its data, and on new inputs the repaired model's
+    outputs are closer to the original's than the unrepaired model's."""
+    b = Builder()
+    model = case(b)
+    b.shape = (64, *b.shape[1:])
+    calib, test = b.feed(1), b.feed(2)
+    want = run(model, test)[0]
+    error = {}
+    for m in ("none", mode):
+        report = prune(
+            model, tmp_path / f"{m}.onnx", ArrayReader(calib, [b.input], 16), 0.5, repair=m
+        )
+        error[m] = np.abs(run(onnx.load(tmp_path / f"{m}.onnx"), test)[0] - want).mean()
+    assert report.layers, "nothing was refitted"
+    for la in report.layers:
+        assert la.error_after <= la.error_before + 1e-9
+    assert sum(la.error_after for la in report.layers) < sum(
+        la.error_before for la in report.layers
+    )
+    assert error[mode] < error["none"]
+
+
+def test_ratio_zero_repairs_nothing():
+    b = Builder()
+    model = residual_activations(b)
+    feed = b.feed()
+    report = prune(model, None, ArrayReader(feed, ["x"]), 0.0)
+    assert report.layers == []
