@@ -8,6 +8,7 @@
 from .analyze import analyze, find_frl
 from .api import prune
 from .calibrate import collect
+from .criteria import CRITERIA, Context
 from .errors import NispError
 from .infs import infs_scores
 from .model_io import load_model, save_model
@@ -19,6 +20,8 @@ from .select import select
 
 __version__ = "0.1.0"
 __all__ = [
+    "CRITERIA",
+    "Context",
     "ArrayReader",
     "ImageFolderReader",
     "NispError",

@@ -9,35 +9,17 @@ import numpy as np
 import onnx
 
 from .analyze import analyze, find_frl
-from .calibrate import Calibration, collect, predict
-from .channels import ChannelGraph, ChannelGroup
+from .calibrate import collect, predict
+from .channels import ChannelGroup
+from .criteria import Context, get_criterion
 from .errors import NispError
-from .infs import infs_scores
 from .model_io import LoadedModel, export, load_model, save_model
-from .propagate import class_importance, propagate
 from .repair import MODES
 from .repair import repair as fit_layers
 from .report import GroupReport, Report
 from .rewrite import rewrite
 from .select import select
 from .verify import check, count
-
-
-def frl_seed(cg: ChannelGraph, frl: str, calib: Calibration) -> np.ndarray:
-    """Inf-FS scores of the FRL features, summed per channel of the FRL's channel space."""
-    space = cg.by_tensor.get(frl)
-    if space is None:
-        raise NispError(f"final response layer {frl!r} carries no prunable channels")
-    scores = infs_scores(calib.responses)
-    per_sample = calib.response_shape
-    axis = space.axis - 1
-    if not 0 <= axis < len(per_sample) or per_sample[axis] != space.size:
-        raise NispError(
-            f"final response layer {frl!r} has shape {per_sample}, "
-            f"not {space.size} channels on axis {space.axis}"
-        )
-    scores = np.moveaxis(scores.reshape(per_sample), axis, 0)
-    return scores.reshape(space.size, -1).sum(axis=1)
 
 
 def prune(
@@ -50,6 +32,7 @@ def prune(
     exclude: Iterable[str] = (),
     num_samples: int | None = None,
     labels: np.ndarray | None = None,
+    criterion: str | object = "nisp-infs",
     repair: str = "ls",
     seed: int = 0,
     progress: bool = False,
@@ -60,15 +43,18 @@ def prune(
     None (onnxruntime's `CalibrationDataReader` works). The model is verified (full checker,
     an onnxruntime session, top-1 agreement on the calibration inputs) before it is written
     to `model_output` (None writes nothing). `labels`, when given, align with the samples read
-    (readers with a `labels` attribute provide them themselves). `repair` is "ls" (least-squares
-    reconstruction of every layer that reads pruned channels), "bias" (bias compensation only)
-    or "none".
+    (readers with a `labels` attribute provide them themselves). `criterion` is a name from
+    `CRITERIA` or an object with `importance(ctx)` (see `criteria.py`). `repair` is "ls"
+    (least-squares refit of every layer that reads pruned channels), "bias" (bias
+    compensation only) or "none".
     """
     if not 0 <= ratio < 1:
         raise NispError(f"--ratio must be in [0, 1), got {ratio}")
     if repair not in MODES:
         raise NispError(f"--repair must be one of {', '.join(MODES)}, got {repair!r}")
-    report = Report("", str(model_output), ratio, "nisp-infs", frl or "", 0, repair=repair)
+    crit = get_criterion(criterion)
+    name = getattr(crit, "name", type(crit).__name__)
+    report = Report("", str(model_output), ratio, name, frl or "", 0, repair=repair)
     with report.stage("load"):
         loaded = load_model(model_input)
         graph = loaded.graph()
@@ -86,14 +72,13 @@ def prune(
     with report.stage("calibrate"):
         calib = collect(loaded.proto, calibration_data_reader, frl, num_samples, progress)
         report.samples = calib.count
-    with report.stage("rank"):
-        scores = frl_seed(cg, frl, calib)
-    with report.stage("propagate"):
-        direct = propagate(cg, cg.by_tensor[frl], scores)
-    with report.stage("select"):
+    with report.stage("score"):
         element_class = cg.classes()
+        ctx = Context(cg, element_class, frl, calib, loaded.proto, seed)
+        importance = np.asarray(crit.importance(ctx), dtype=np.float64)
+    with report.stage("select"):
         groups = cg.groups(element_class)
-        removed = select(groups, element_class, class_importance(direct, element_class), ratio)
+        removed = select(groups, element_class, importance, ratio)
         report.groups = [_group_report(g, removed) for g in groups]
     with report.stage("rewrite"):
         keep = ~removed[element_class]
@@ -103,6 +88,8 @@ def prune(
             for n in graph.nodes
             if n.outputs and (sp := cg.space(n.outputs[0])) is not None
         }
+        if (frl_space := cg.by_tensor.get(frl)) is not None:
+            report.frl_kept = np.flatnonzero(keep[frl_space.elements]).tolist()
         graph = rewrite(cg, keep)
     with report.stage("repair"):
         report.layers = fit_layers(

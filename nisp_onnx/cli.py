@@ -12,6 +12,7 @@ import onnx
 
 from . import __version__
 from .api import prune
+from .criteria import CRITERIA
 from .errors import NispError
 from .model_io import LoadedModel, load_model
 from .readers import ArrayReader, ImageFolderReader, model_preprocess
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--std", type=float, nargs="+", help="per-channel std, after scaling")
     i.add_argument("--color", choices=["rgb", "bgr", "gray"])
     m = p.add_argument_group("method")
+    m.add_argument(
+        "--criterion",
+        choices=list(CRITERIA),
+        default="nisp-infs",
+        help="channel importance: nisp-infs (default), nisp-mag, l1, random, lbl",
+    )
     m.add_argument("--frl", metavar="TENSOR", help="final response layer (default: found)")
     m.add_argument(
         "--exclude",
@@ -150,6 +157,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         frl=args.frl,
         exclude=args.exclude,
         num_samples=args.num_samples,
+        criterion=args.criterion,
         repair=args.repair,
         seed=args.seed,
         progress=not args.quiet and sys.stderr.isatty(),

@@ -28,7 +28,7 @@ from .rules.linear import Linear
 MODES = ("ls", "bias", "none")
 ROWS_PER_FEATURE = 128  # sampled output rows per input feature of a layer
 MAX_FEATURES = 8192  # above this a Gram matrix is too big: bias-only repair
-RIDGE = 1e-3  # ridge strength, relative to the mean input energy
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge strengths tried, relative to input energy
 
 
 @dataclass
@@ -51,38 +51,71 @@ class _Layer:
     targets: list = field(default_factory=list)  # per batch, [groups, rows, O / groups]
 
 
-class _LeastSquares:
-    """Streamed Gram sums for min ||[X 1] theta - Y||^2 + ridge ||theta - theta0||^2."""
+class _Sums:
+    """Gram sums of [X 1] and Y over rows, for ||[X 1] theta - Y||^2 in closed form."""
 
     def __init__(self, theta0: np.ndarray):
         g, k, o = theta0.shape
-        self.theta0 = theta0
-        self.gram = np.zeros((g, k, k))
-        self.cross = np.zeros((g, k, o))
-        self.energy = 0.0
+        self.gram, self.cross, self.energy = np.zeros((g, k, k)), np.zeros((g, k, o)), 0.0
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        x = np.concatenate([x, np.ones(x.shape[:2] + (1,), x.dtype)], axis=2).astype(np.float64)
-        y = y.astype(np.float64)
-        xt = x.transpose(0, 2, 1)
-        self.gram += xt @ x
+    def add(self, x1: np.ndarray, y: np.ndarray) -> None:
+        xt = x1.transpose(0, 2, 1)
+        self.gram += xt @ x1
         self.cross += xt @ y
         self.energy += float(np.einsum("gro,gro->", y, y))
 
+    def __add__(self, other: _Sums) -> _Sums:
+        out = _Sums(self.cross)
+        out.gram, out.cross = self.gram + other.gram, self.cross + other.cross
+        out.energy = self.energy + other.energy
+        return out
+
     def error(self, theta: np.ndarray) -> float:
+        """Relative squared error of `theta` on these rows."""
         quad = np.einsum("gko,gkl,glo->", theta, self.gram, theta)
         sq = quad - 2 * float((theta * self.cross).sum()) + self.energy
         return max(0.0, sq) / max(self.energy, 1e-30)
 
-    def fit(self) -> np.ndarray:
+    def solve(self, theta0: np.ndarray, ridge: float) -> np.ndarray:
+        """argmin error + ridge * mean input energy * ||W - W0||^2 (the bias is free)."""
         k = self.gram.shape[1] - 1
         scale = np.einsum("gkk->gk", self.gram[:, :-1, :-1]).mean(axis=1)
-        ridge = RIDGE * np.maximum(scale, 1e-12)[:, None, None] * np.diag(np.r_[np.ones(k), 0.0])
-        a, b = self.gram + ridge, self.cross + ridge @ self.theta0
+        lam = ridge * np.maximum(scale, 1e-12)[:, None, None] * np.diag(np.r_[np.ones(k), 0.0])
+        a, b = self.gram + lam, self.cross + lam @ theta0
         try:
             return np.linalg.solve(a, b)
         except np.linalg.LinAlgError:
             return np.stack([np.linalg.lstsq(ai, bi, rcond=None)[0] for ai, bi in zip(a, b)])
+
+
+class _LeastSquares:
+    """Ridge-regularised least squares towards the pruned weights. The ridge strength is
+    chosen by two-fold cross-validation over batches, so a layer with few calibration rows
+    for its inputs (a classifier after global pooling) is not overfitted: at the largest
+    strength the fit keeps the pruned weights and only moves the bias."""
+
+    def __init__(self, theta0: np.ndarray):
+        self.theta0 = theta0
+        self.folds = (_Sums(theta0), _Sums(theta0))
+        self.batches = 0
+        self.ridge = RIDGES[0]
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x1 = np.concatenate([x, np.ones(x.shape[:2] + (1,), x.dtype)], axis=2)
+        self.folds[self.batches % 2].add(x1.astype(np.float64), y.astype(np.float64))
+        self.batches += 1
+
+    def error(self, theta: np.ndarray) -> float:
+        return (self.folds[0] + self.folds[1]).error(theta)
+
+    def fit(self) -> np.ndarray:
+        a, b = self.folds
+        if self.batches >= 2:
+            self.ridge = min(
+                RIDGES,
+                key=lambda r: b.error(a.solve(self.theta0, r)) + a.error(b.solve(self.theta0, r)),
+            )
+        return (a + b).solve(self.theta0, self.ridge)
 
 
 class _BiasOnly:

@@ -47,6 +47,7 @@ class Report:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     repair: str = "ls"
+    frl_kept: list[int] = field(default_factory=list)  # kept channels of the FRL
     groups: list[GroupReport] = field(default_factory=list)
     layers: list[LayerRepair] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)

@@ -76,3 +76,16 @@ def count(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> tuple[int, 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:
     return next((a.i for a in node.attribute if a.name == name), 0)
+
+
+def ware(original: np.ndarray, pruned: np.ndarray, scores: np.ndarray) -> float:
+    """Weighted average reconstruction error of final responses (Yu et al. 2018, Eq. 20):
+    the mean over samples and neurons of `s_i |y_i - y'_i| / |y_i|`, with the scores scaled
+    to mean 1. `original` and `pruned` are [samples, neurons] over the retained neurons;
+    responses that are exactly zero in the original are left out (no relative error)."""
+    y = np.asarray(original, np.float64)
+    s = np.asarray(scores, np.float64)
+    s = s / max(float(s.mean()), 1e-30)
+    live = np.abs(y) > 0
+    rel = np.abs(y - np.asarray(pruned, np.float64)) / np.where(live, np.abs(y), 1.0)
+    return float((rel * s)[live].sum() / max(int(live.sum()), 1))

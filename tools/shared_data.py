@@ -55,10 +55,10 @@ def mnist(scale_lenet, n_calib=1000, n_eval=9000):
     return x[:n_calib], x[n_calib : n_calib + n_eval], y[n_calib : n_calib + n_eval]
 
 
-def models(n_eval=None):
+def models(n_eval=None, cifar_calib=256):
     """(name, model path, input name, batch, calibration, eval inputs, eval labels) per model."""
     kw = {} if n_eval is None else {"n_eval": n_eval}
-    c_cal, c_x, c_y = cifar(**kw)
+    c_cal, c_x, c_y = cifar(n_calib=cifar_calib, **kw)
     rows = [
         (f"ResNet-{d}", DATA / "cifar10" / f"resnet{d}.onnx", "input", 64, c_cal, c_x, c_y)
         for d in (20, 32, 44)

@@ -1,0 +1,118 @@
+"""Accuracy benchmark: every criterion, with and without repair, on the real models.
+
+    python tools/bench_accuracy.py > docs/accuracy.md
+    python tools/bench_accuracy.py --models ResNet-32 --ratios 0.3 --methods nisp-infs
+
+For each model of ../shared/data (calibration and evaluation inputs disjoint, see
+tools/shared_data.py) and each ratio, every criterion prunes the same number of channels of
+every group, so all of them land at the same MACs. Columns: top-1 on the evaluation inputs,
+top-1 agreement with the unpruned model, and WARE (Yu et al. 2018, Eq. 20) of the final
+responses on the evaluation inputs, weighted by the Inf-FS scores of the unpruned model's
+final responses. A second table compares the WARE of NISP and layer-by-layer Inf-FS over
+network depth (ResNet-20/32/44).
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shared_data  # noqa: E402
+
+from nisp_onnx import ArrayReader, find_frl, infs_scores, load_model, prune  # noqa: E402
+from nisp_onnx.calibrate import session  # noqa: E402
+from nisp_onnx.verify import ware  # noqa: E402
+
+METHODS = ["random", "l1", "nisp-mag", "lbl", "nisp-infs"]
+
+
+def outputs(path, name, frl, x, batch):
+    """(top-1, final responses [N, D]) over `x`, in batches of the model's batch size."""
+    sess = session(load_model(path).proto, (frl,))
+    first = sess.get_outputs()[0].name
+    fixed = isinstance(sess.get_inputs()[0].shape[0], int)
+    preds, resp = [], []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        n = len(xb)
+        if fixed and n < batch:  # pad the last batch of a fixed-batch model
+            xb = np.concatenate([xb, np.repeat(xb[-1:], batch - n, axis=0)])
+        out, r = sess.run([first, frl], {name: xb})
+        preds.append(out.reshape(len(out), -1).argmax(1)[:n])
+        resp.append(r.reshape(len(r), -1)[:n])
+    return np.concatenate(preds), np.concatenate(resp)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", help="comma-separated model names (default: all)")
+    ap.add_argument("--ratios", default="0.25,0.5,0.7")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--repair", default="none,ls")
+    ap.add_argument("--cifar-calib", type=int, default=1024)
+    args = ap.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    methods = args.methods.split(",")
+    wanted = args.models.split(",") if args.models else None
+    print(f"Command: `python tools/bench_accuracy.py {' '.join(sys.argv[1:])}`".strip())
+    print()
+    print("| model | ratio | method | repair | MACs cut | params cut | top-1 | agreement | WARE |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    wares = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pruned.onnx"
+        for name, path, inp, batch, cal, x, y in shared_data.models(cifar_calib=args.cifar_calib):
+            if wanted and name not in wanted:
+                continue
+            frl = find_frl(load_model(path).graph())[0]
+            _, cal_resp = outputs(path, inp, frl, cal, batch)
+            scores = infs_scores(cal_resp)
+            base, base_resp = outputs(path, inp, frl, x, batch)
+            print(
+                f"| {name} | 0 | unpruned | | 0% | 0% | {100 * (base == y).mean():.2f}% "
+                f"| 100% | 0 |",
+                flush=True,
+            )
+            for ratio in ratios:
+                for method in methods:
+                    for repair in args.repair.split(","):
+                        start = time.perf_counter()
+                        reader = ArrayReader({inp: cal}, [inp], batch)
+                        r = prune(path, out, reader, ratio, criterion=method, repair=repair)
+                        pred, resp = outputs(out, inp, frl, x, batch)
+                        kept = np.asarray(r.frl_kept)
+                        w = ware(base_resp[:, kept], resp, scores[kept])
+                        wares[name, ratio, method, repair] = w
+                        print(
+                            f"| {name} | {ratio} | {method} | {repair} | "
+                            f"{100 * r.macs_reduction:.1f}% | {100 * r.params_reduction:.1f}% | "
+                            f"{100 * (pred == y).mean():.2f}% | {100 * (pred == base).mean():.1f}% "
+                            f"| {w:.3f} |",
+                            flush=True,
+                        )
+                        print(
+                            f"{name} {ratio} {method} {repair} {time.perf_counter() - start:.1f}s",
+                            file=sys.stderr,
+                        )
+    depth = [n for n in ("ResNet-20", "ResNet-32", "ResNet-44") if (n, 0.5, "lbl", "none") in wares]
+    if depth:
+        print()
+        print("WARE of the final responses over depth, NISP vs layer-by-layer Inf-FS (LbL):")
+        print()
+        print("| model | ratio | repair | WARE LbL | WARE NISP |")
+        print("|---|---|---|---|---|")
+        for name in depth:
+            for ratio in ratios:
+                for repair in args.repair.split(","):
+                    lbl = wares.get((name, ratio, "lbl", repair))
+                    nisp = wares.get((name, ratio, "nisp-infs", repair))
+                    if lbl is not None and nisp is not None:
+                        print(f"| {name} | {ratio} | {repair} | {lbl:.3f} | {nisp:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
