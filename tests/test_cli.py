@@ -34,9 +34,21 @@ def test_prunes_bundled_sample(tmp_path):
     assert data["version"] == 1 and data["samples"] == 256
     assert 0.6 < data["macs_reduction"] < 0.9
     assert data["accuracy_before"] > 0.85
+    assert data["repair"] == "ls" and data["criterion"] == "nisp-infs" and data["layers"]
+    assert all(la["error_after"] <= la["error_before"] for la in data["layers"])
     x = np.random.default_rng(0).random((3, 1, 16, 16), dtype=np.float32)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": x})[0].shape == (3, 10)
+
+
+def test_criterion_and_no_repair_flags(tmp_path):
+    out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    args = ["--ratio", "0.3", "--criterion", "l1", "--no-repair", "--num-samples", "64"]
+    r = cli(SAMPLE, out, "--calib", CALIB, *args, "--report", report)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(report.read_text())
+    assert data["criterion"] == "l1" and data["repair"] == "none" and data["layers"] == []
+    assert "refitted" not in r.stdout
 
 
 def test_ratio_zero_keeps_the_function(tmp_path):
@@ -59,6 +71,7 @@ def test_ratio_zero_keeps_the_function(tmp_path):
         ([SAMPLE, "OUT", "--calib", "NOTHERE"], "--calib must be a folder of images"),
         (["NOTONNX", "OUT", "--calib", CALIB], "not a valid ONNX file"),
         ([SAMPLE, "OUT", "--calib", CALIB, "--frl", "nope"], "'nope': the model has no tensor"),
+        ([SAMPLE, "OUT", "--calib", CALIB, "--criterion", "magic"], "invalid choice: 'magic'"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):

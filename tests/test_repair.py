@@ -1,5 +1,7 @@
 """Repair: the linear view of each mixing op, and least-squares refits after pruning."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -9,7 +11,15 @@ from graphs import Builder
 from onnx import TensorProto, helper, numpy_helper
 from test_rules import mobilenet, residual_activations, transformer_mlp
 
-from nisp_onnx import ArrayReader, analyze, load_model, prune, rewrite
+from nisp_onnx import (
+    ArrayReader,
+    ImageFolderReader,
+    Preprocess,
+    analyze,
+    load_model,
+    prune,
+    rewrite,
+)
 from nisp_onnx.model_io import export
 from nisp_onnx.repair import repair
 from nisp_onnx.rules import rule_of
@@ -158,3 +168,28 @@ def test_ratio_zero_repairs_nothing():
     feed = b.feed()
     report = prune(model, None, ArrayReader(feed, ["x"]), 0.0)
     assert report.layers == []
+
+
+def test_repair_recovers_accuracy_on_held_out_digits(tmp_path):
+    """The bundled sample at ratio 0.5: calibrate on 240 images, evaluate on the other 120."""
+    root = Path(__file__).resolve().parent.parent / "models"
+    pre = Preprocess(size=(16, 16), color="gray", scale=1 / 255, mean=(0.0,), std=(1.0,))
+    reader = ImageFolderReader(root / "digits_calib", "input", pre, batch_size=360)
+    x, y = reader.get_next()["input"], reader.labels
+    order = np.random.default_rng(0).permutation(len(x))
+    cal, test = order[:240], order[240:]
+    accuracy = {}
+    for mode in ("none", "ls"):
+        out = tmp_path / f"{mode}.onnx"
+        prune(
+            root / "digits_resnet.onnx",
+            out,
+            ArrayReader({"input": x[cal]}, ["input"], 30),
+            0.5,
+            repair=mode,
+        )
+        pred = run(onnx.load(out), {"input": x[test]})[0].argmax(1)
+        accuracy[mode] = (pred == y[test]).mean()
+    original = run(onnx.load(root / "digits_resnet.onnx"), {"input": x[test]})[0].argmax(1)
+    assert (original == y[test]).mean() > 0.85
+    assert accuracy["none"] < 0.4 and accuracy["ls"] > accuracy["none"] + 0.3
