@@ -203,12 +203,15 @@ def _collect_targets(
     seed: int,
 ) -> None:
     """One pass of the original model: each layer's output at sampled positions."""
-    names = [la.lin.node.outputs[0].name for la in layers.values()]
+    nodes = list(layers)
+    names = [layers[n].lin.node.outputs[0].name for n in nodes]
     sess = session(original, tuple(names))
     total = sum(len(next(iter(b.values()))) for b in batches)
     for b, batch in enumerate(batches):
-        outs = sess.run(names, batch)
-        for i, ((name, layer), y) in enumerate(zip(list(layers.items()), outs)):
+        for i, (name, y) in enumerate(zip(nodes, sess.run(names, batch))):
+            layer = layers.get(name)
+            if layer is None:
+                continue
             lin = layer.lin
             axis, keep = out_keep.get(name, (lin.axis(y.ndim), None))
             if axis != lin.axis(y.ndim):  # its channels are not where it mixes: leave it

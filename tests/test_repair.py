@@ -193,3 +193,16 @@ def test_repair_recovers_accuracy_on_held_out_digits(tmp_path):
     original = run(onnx.load(root / "digits_resnet.onnx"), {"input": x[test]})[0].argmax(1)
     assert (original == y[test]).mean() > 0.85
     assert accuracy["none"] < 0.4 and accuracy["ls"] > accuracy["none"] + 0.3
+
+
+def test_matmul_over_a_spatial_axis_is_not_refitted():
+    """A MatMul mixing image columns carries channels through: repair leaves it alone and
+    refits the layers around it."""
+    b = Builder(shape=(8, 3, 8, 8))
+    x = b.cbr(b.input, 3, 8)
+    x = b.op("MatMul", x, b.weight(8, 8))  # mixes the W axis, channels pass through
+    model = b.model(b.head(b.cbr(x, 8, 8), 8))
+    matmul = next(n.name for n in b.nodes if n.op_type == "MatMul")
+    report = prune(model, None, ArrayReader(b.feed(), ["x"], 2), 0.5)
+    names = [la.node for la in report.layers]
+    assert names and matmul not in names
