@@ -1,9 +1,9 @@
 """Prune every real model of ../shared/data and measure MACs, parameters and top-1.
 
-    python tools/bench_shared.py --ratio 0.5 > table.md
+    python tools/bench_shared.py --ratio 0.5 --repair none > table.md
 
-Calibration and evaluation inputs are disjoint (see tools/shared_data.py). No repair and no
-fine-tuning: this is the raw effect of cutting the channels.
+Calibration and evaluation inputs are disjoint (see tools/shared_data.py). With `--repair none`
+this is the raw effect of cutting the channels; tools/bench_accuracy.py compares repairs.
 """
 
 import argparse
@@ -31,6 +31,7 @@ def top1(path, name, x, batch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--repair", default="ls", choices=["ls", "bias", "none"])
     args = ap.parse_args()
     print(
         "| model | MACs before | MACs after | MACs cut | params cut | valid | "
@@ -40,7 +41,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name, path, inp, batch, cal, x, y in shared_data.models():
             out = Path(tmp) / "pruned.onnx"
-            r = prune(path, out, ArrayReader({inp: cal}, [inp], batch), args.ratio)
+            reader = ArrayReader({inp: cal}, [inp], batch)
+            r = prune(path, out, reader, args.ratio, repair=args.repair)
             onnx.checker.check_model(onnx.load(out), full_check=True)
             before, after = top1(path, inp, x, batch), top1(out, inp, x, batch)
             y = y[: len(before)]
