@@ -45,7 +45,6 @@ class LayerRepair:
 @dataclass
 class _Layer:
     lin: Linear
-    keep: np.ndarray | None  # kept output channels, as a mask over the original's
     level: int = 0
     positions: list = field(default_factory=list)  # per batch, [n, count]
     targets: list = field(default_factory=list)  # per batch, [groups, rows, O / groups]
@@ -98,7 +97,6 @@ class _LeastSquares:
         self.theta0 = theta0
         self.folds = (_Sums(theta0), _Sums(theta0))
         self.batches = 0
-        self.ridge = RIDGES[0]
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         x1 = np.concatenate([x, np.ones(x.shape[:2] + (1,), x.dtype)], axis=2)
@@ -110,12 +108,13 @@ class _LeastSquares:
 
     def fit(self) -> np.ndarray:
         a, b = self.folds
+        ridge = RIDGES[0]
         if self.batches >= 2:
-            self.ridge = min(
+            ridge = min(
                 RIDGES,
                 key=lambda r: b.error(a.solve(self.theta0, r)) + a.error(b.solve(self.theta0, r)),
             )
-        return (a + b).solve(self.theta0, self.ridge)
+        return (a + b).solve(self.theta0, ridge)
 
 
 class _BiasOnly:
@@ -191,7 +190,7 @@ def _layers(graph: gs.Graph, changed: set[str]) -> dict[str, _Layer]:
         tainted.update(t.name for t in node.outputs)
         lin = rule_of(node).linear(node)
         if lin is not None and node.inputs[0].name in tainted:
-            layers[node.name] = _Layer(lin, None)
+            layers[node.name] = _Layer(lin)
     return layers
 
 
@@ -219,7 +218,6 @@ def _collect_targets(
                 continue
             count = -(-ROWS_PER_FEATURE * (lin.features + 1) // total)
             pos = lin.positions(y.shape, count, np.random.default_rng([seed, i, b]))
-            layer.keep = keep
             layer.positions.append(pos)
             layer.targets.append(lin.outputs(y, pos, keep).astype(np.float32))
 
@@ -299,8 +297,8 @@ class _StageRunner:
             )
             sess = session(export(sub, self.like))
             names = list(outputs)
-            count = len(next(iter(self.cache.values())))
-            results = [sess.run(names, {k: self.cache[k][b] for k in inputs}) for b in range(count)]
+            feeds = ({k: self.cache[k][b] for k in inputs} for b in range(self.count))
+            results = [sess.run(names, feed) for feed in feeds]
             for i, name in enumerate(names):
                 self.cache[name] = [r[i] for r in results]
         for name in [k for k in self.cache if last.get(k, -1) <= s]:
