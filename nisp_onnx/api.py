@@ -72,9 +72,12 @@ def prune(
     with report.stage("calibrate"):
         calib = collect(loaded.proto, calibration_data_reader, frl, num_samples, progress)
         report.samples = calib.count
+        labels = labels if labels is not None else getattr(calibration_data_reader, "labels", None)
+        if labels is not None and len(labels) != calib.count:
+            labels = None
     with report.stage("score"):
         element_class = cg.classes()
-        ctx = Context(cg, element_class, frl, calib, loaded.proto, seed)
+        ctx = Context(cg, element_class, frl, calib, loaded.proto, seed, labels)
         importance = np.asarray(crit.importance(ctx), dtype=np.float64)
     with report.stage("select"):
         groups = cg.groups(element_class)
@@ -100,8 +103,7 @@ def prune(
         check(pruned)
         preds = predict(pruned, calib.batches)
         report.agreement = float((preds == calib.predictions).mean())
-        labels = labels if labels is not None else getattr(calibration_data_reader, "labels", None)
-        if labels is not None and len(labels) == calib.count:
+        if labels is not None:
             report.accuracy_before = float((calib.predictions == labels).mean())
             report.accuracy_after = float((preds == labels).mean())
         shapes = {k: v.shape for k, v in calib.batches[0].items()}

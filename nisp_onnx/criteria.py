@@ -29,6 +29,7 @@ class Context:
     calib: Calibration
     model: onnx.ModelProto  # the original model, for extra passes over `calib.batches`
     seed: int = 0
+    labels: np.ndarray | None = None  # one class per calibration sample, when known
 
     @property
     def frl_space(self) -> Space:
