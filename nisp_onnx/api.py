@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .analyze import analyze, find_frl
+from .budget import MacModel, Plan, allocate
 from .calibrate import collect, predict
 from .channels import ChannelGroup
 from .criteria import Context, get_criterion
@@ -18,8 +19,7 @@ from .repair import MODES
 from .repair import repair as fit_layers
 from .report import GroupReport, Report
 from .rewrite import rewrite
-from .select import select
-from .verify import check, count
+from .verify import check, count, node_macs
 
 
 def prune(
@@ -34,6 +34,11 @@ def prune(
     labels: np.ndarray | None = None,
     criterion: str | object = "nisp-infs",
     repair: str = "ls",
+    layer_ratio: dict[str, float] | None = None,
+    global_ranking: bool | None = None,
+    max_layer_ratio: float = 1.0,
+    target_macs: float | None = None,
+    round_to: int = 1,
     seed: int = 0,
     progress: bool = False,
 ) -> Report:
@@ -47,14 +52,32 @@ def prune(
     `CRITERIA` or an object with `importance(ctx)` (see `criteria.py`). `repair` is "ls"
     (least-squares refit of every layer that reads pruned channels), "bias" (bias
     compensation only) or "none".
+
+    How much goes where: `layer_ratio` maps node-name globs to ratios for the groups holding
+    a matching node; `global_ranking` ranks all other groups' channels together (scores
+    divided by their group's mean) and removes `ratio` of them, no group losing more than
+    `max_layer_ratio`; `target_macs` instead removes channels in that global order until the
+    model keeps that fraction of its MACs; `round_to` keeps channel counts multiples of N.
+    `global_ranking=None` takes the criterion's own default (bn-scale ranks globally).
     """
-    if not 0 <= ratio < 1:
-        raise NispError(f"--ratio must be in [0, 1), got {ratio}")
     if repair not in MODES:
         raise NispError(f"--repair must be one of {', '.join(MODES)}, got {repair!r}")
     crit = get_criterion(criterion)
     name = getattr(crit, "name", type(crit).__name__)
+    crit_global = getattr(crit, "ranking", "group") == "global"
+    plan = Plan(
+        ratio,
+        dict(layer_ratio or {}),
+        crit_global if global_ranking is None else global_ranking,
+        not crit_global,
+        max_layer_ratio,
+        target_macs,
+        round_to,
+        getattr(crit, "min_keep", 1),
+    )
+    plan.check()
     report = Report("", str(model_output), ratio, name, frl or "", 0, repair=repair)
+    report.plan = plan.describe()
     with report.stage("load"):
         loaded = load_model(model_input)
         graph = loaded.graph()
@@ -81,7 +104,9 @@ def prune(
         importance = np.asarray(crit.importance(ctx), dtype=np.float64)
     with report.stage("select"):
         groups = cg.groups(element_class)
-        removed = select(groups, element_class, importance, ratio)
+        shapes = {k: v.shape for k, v in calib.batches[0].items()}
+        base = node_macs(loaded.proto, shapes)
+        removed = allocate(groups, element_class, importance, plan, MacModel(cg, base))
         report.groups = [_group_report(g, removed) for g in groups]
     with report.stage("rewrite"):
         keep = ~removed[element_class]
@@ -106,7 +131,6 @@ def prune(
         if labels is not None:
             report.accuracy_before = float((calib.predictions == labels).mean())
             report.accuracy_after = float((preds == labels).mean())
-        shapes = {k: v.shape for k, v in calib.batches[0].items()}
         report.macs_before, report.params_before = count(loaded.proto, shapes)
         report.macs_after, report.params_after = count(pruned, shapes)
         report.size_before = loaded.file_size

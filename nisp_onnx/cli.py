@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--criterion",
         choices=list(CRITERIA),
         default="nisp-infs",
-        help="channel importance: nisp-infs (default), nisp-mag, l1, random, lbl",
+        help="channel importance (default nisp-infs; see the README)",
     )
     m.add_argument("--frl", metavar="TENSOR", help="final response layer (default: found)")
     m.add_argument(
@@ -70,6 +70,44 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NODE",
         help="never prune the channels these nodes produce",
+    )
+    a = p.add_argument_group("how much, where")
+    a.add_argument(
+        "--layer-ratio",
+        action="append",
+        default=[],
+        metavar="PATTERN=R",
+        help="ratio R for the channel groups of nodes whose name matches the glob PATTERN "
+        "(repeatable; the last match wins)",
+    )
+    a.add_argument(
+        "--global",
+        dest="global_ranking",
+        action="store_true",
+        default=None,
+        help="rank channels of all groups together (scores normalised per group) and remove "
+        "--ratio of them",
+    )
+    a.add_argument(
+        "--max-layer-ratio",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="with --global or --target-macs: no group loses more than R of its channels",
+    )
+    a.add_argument(
+        "--target-macs",
+        type=float,
+        metavar="F",
+        help="keep the fraction F of the model's MACs (cuts follow the global ranking; "
+        "--ratio is ignored)",
+    )
+    a.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="N",
+        help="kept channel counts are multiples of N (for fast kernels)",
     )
     r = p.add_argument_group("repair (after pruning, from the calibration data)")
     r.add_argument(
@@ -137,6 +175,16 @@ def _reader(args: argparse.Namespace, model: LoadedModel) -> ImageFolderReader |
     return reader
 
 
+def _pattern_ratio(text: str) -> tuple[str, float]:
+    pattern, sep, value = text.rpartition("=")
+    try:
+        if sep and pattern:
+            return pattern, float(value)
+    except ValueError:
+        pass
+    raise NispError(f"--layer-ratio {text!r}: expected PATTERN=R, for example 'layer4.*=0.7'")
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, prune, print; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -145,6 +193,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     )
     if not 0 <= args.ratio < 1:
         raise NispError(f"--ratio must be in [0, 1), got {args.ratio}")
+    layer_ratio = dict(_pattern_ratio(v) for v in args.layer_ratio)
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise NispError(f"{args.output}: refusing to overwrite the input model")
     model = load_model(args.input)
@@ -159,6 +208,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         num_samples=args.num_samples,
         criterion=args.criterion,
         repair=args.repair,
+        layer_ratio=layer_ratio,
+        global_ranking=args.global_ranking,
+        max_layer_ratio=args.max_layer_ratio,
+        target_macs=args.target_macs,
+        round_to=args.round_to,
         seed=args.seed,
         progress=not args.quiet and sys.stderr.isatty(),
     )

@@ -14,7 +14,7 @@ import onnx
 from .calibrate import Calibration, session
 from .channels import ChannelGraph, Space
 from .errors import NispError
-from .infs import infs_scores
+from .infs import infs_scores, supervised_infs_scores
 from .propagate import class_importance, propagate
 from .rules import rule_of
 
@@ -67,6 +67,21 @@ class NispInfs:
         return ctx.per_class(propagate(ctx.cg, ctx.frl_space, self.frl_scores(ctx)))
 
 
+class NispInfsSupervised(NispInfs):
+    """NISP seeded with supervised Inf-FS (Fisher score and mutual information with the
+    calibration labels, Roffo et al. 2020) instead of the unsupervised ranking."""
+
+    name = "nisp-infs-supervised"
+
+    def frl_scores(self, ctx: Context) -> np.ndarray:
+        if ctx.labels is None:
+            raise NispError(
+                "nisp-infs-supervised needs labels: put the calibration images in one "
+                "subfolder per class, or use nisp-infs"
+            )
+        return frl_channel_scores(ctx, supervised_infs_scores(ctx.calib.responses, ctx.labels))
+
+
 class NispMag(NispInfs):
     """NISP-Mag: each FRL neuron scored by the magnitude of the classifier weights reading it."""
 
@@ -104,6 +119,40 @@ class FilterL1:
         return ctx.per_class(direct)
 
 
+class BnScale:
+    """Network slimming / receding importances: the BatchNorm scale |gamma / sqrt(var + eps)|.
+
+    Scores are comparable across layers, so by default one global threshold cuts them
+    (`ranking = "global"`), and every tensor keeps at least 3 channels. A class takes the
+    largest scale of its channels; channels that no BatchNorm scales are never cut.
+    """
+
+    name = "bn-scale"
+    ranking = "global"
+    min_keep = 3
+
+    def importance(self, ctx: Context) -> np.ndarray:
+        cg = ctx.cg
+        direct = np.full(cg.n_elements, -np.inf)
+        for node in cg.graph.nodes:
+            if node.op != "BatchNormalization" or (sp := cg.space(node.outputs[0])) is None:
+                continue
+            gamma, _, _, var = (getattr(t, "values", None) for t in node.inputs[1:5])
+            if gamma is None or var is None:
+                continue
+            eps = float(node.attrs.get("epsilon", 1e-5))
+            scale = np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
+            direct[sp.elements] = np.maximum(direct[sp.elements], scale)
+        if not np.isfinite(direct).any():
+            raise NispError(
+                "bn-scale needs BatchNormalization nodes, and this model has none (folded "
+                "into the convolutions by the exporter?); use nisp-infs or l1"
+            )
+        per_class = np.full(int(ctx.element_class.max()) + 1, -np.inf)
+        np.maximum.at(per_class, ctx.element_class, direct)
+        return np.where(np.isfinite(per_class), per_class, np.inf)
+
+
 class Random:
     """Uniformly random importances (seeded): the baseline every criterion must beat."""
 
@@ -137,7 +186,10 @@ class LayerByLayer:
         return ctx.per_class(direct)
 
 
-CRITERIA = {c.name: c for c in (NispInfs, NispMag, FilterL1, Random, LayerByLayer)}
+CRITERIA = {
+    c.name: c
+    for c in (NispInfs, NispInfsSupervised, NispMag, FilterL1, BnScale, Random, LayerByLayer)
+}
 
 
 def get_criterion(criterion: str | object) -> object:

@@ -22,16 +22,83 @@ def infs_scores(x: np.ndarray, alpha: float = 0.5, factor: float = 0.9) -> np.nd
     if live.sum() < 2 or n < 2:
         scores[live] = 1.0
         return scores
-    xl, sl = x[:, live], std[live]
-    sigma = np.maximum.outer(sl, sl)
-    span = sigma.max() - sigma.min()
-    sigma = (sigma - sigma.min()) / span if span > 0 else np.ones_like(sigma)
-    a = alpha * sigma + (1 - alpha) * (1 - np.abs(spearman(xl)))
-    rho = np.max(np.abs(np.linalg.eigvalsh(a)))
-    r = factor / rho
-    eye = np.eye(len(a))
-    scores[live] = (solve(eye - r * a, eye, assume_a="sym") - eye).sum(axis=1)
+    xl = x[:, live]
+    a = alpha * _spread(std[live]) + (1 - alpha) * (1 - np.abs(spearman(xl)))
+    scores[live] = _path_scores(a, factor)
     return scores
+
+
+def supervised_infs_scores(x: np.ndarray, y: np.ndarray, factor: float = 0.9) -> np.ndarray:
+    """Supervised Inf-FS (Roffo et al., TPAMI 2020) of the columns of `x` for labels `y`.
+
+    Per feature: mutual information m with the labels (quantile-binned), the multi-class
+    Fisher score f = sum_c n_c (mu_c - mu)^2 / sum_c n_c var_c, and the spread
+    sigma_ij = max(std_i, std_j), each scaled to [0, 1];
+    A_ij = ((m_i + f_j) + (m_i + sigma_ij) + (sigma_ij + f_j)) / 6, then the same path
+    scores as the unsupervised ranking. Constant features score 0.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.unique(np.asarray(y), return_inverse=True)[1]
+    n, d = x.shape
+    std = x.std(axis=0)
+    live = std > 1e-12 * max(1.0, float(np.abs(x).max(initial=0.0)))
+    scores = np.zeros(d)
+    if live.sum() < 2 or n < 2:
+        scores[live] = 1.0
+        return scores
+    xl = x[:, live]
+    m = _unit(mutual_information(xl, y))
+    f = _unit(fisher_scores(xl, y))
+    sigma = _spread(std[live])
+    a = (m[:, None] + f[None, :] + m[:, None] + sigma + sigma + f[None, :]) / 6
+    scores[live] = _path_scores(a, factor)
+    return scores
+
+
+def fisher_scores(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Multi-class Fisher score of each column: between-class over within-class variance."""
+    mu = x.mean(axis=0)
+    between = np.zeros(x.shape[1])
+    within = np.zeros(x.shape[1])
+    for c in np.unique(y):
+        xc = x[y == c]
+        between += len(xc) * (xc.mean(axis=0) - mu) ** 2
+        within += len(xc) * xc.var(axis=0)
+    return between / np.maximum(within, 1e-12 * max(float(within.max()), 1e-300))
+
+
+def mutual_information(x: np.ndarray, y: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Mutual information (nats) between each column, cut into quantile bins, and labels."""
+    n, d = x.shape
+    edges = np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1], axis=0)  # [bins-1, d]
+    binned = (x[:, None, :] > edges[None]).sum(axis=1)  # [n, d] in 0..bins-1
+    k = int(y.max()) + 1
+    joint = np.zeros((d, bins, k))
+    np.add.at(joint, (np.arange(d)[None, :], binned, y[:, None]), 1.0)
+    joint /= n
+    px = joint.sum(axis=2, keepdims=True)
+    py = joint.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(joint > 0, joint * np.log(joint / (px * py)), 0.0)
+    return terms.sum(axis=(1, 2))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] (all ones when constant)."""
+    span = v.max() - v.min()
+    return (v - v.min()) / span if span > 0 else np.ones_like(v)
+
+
+def _spread(std: np.ndarray) -> np.ndarray:
+    return _unit(np.maximum.outer(std, std))
+
+
+def _path_scores(a: np.ndarray, factor: float) -> np.ndarray:
+    """Row sums of (I - r A)^-1 - I with r = factor / rho(A): every path through a feature."""
+    sym = np.allclose(a, a.T)
+    rho = np.max(np.abs(np.linalg.eigvalsh(a) if sym else np.linalg.eigvals(a)))
+    eye = np.eye(len(a))
+    return (solve(eye - factor / rho * a, eye, assume_a="sym" if sym else "gen") - eye).sum(1)
 
 
 def spearman(x: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ class Report:
     frl: str
     samples: int
     preprocess: str | None = None
+    plan: str = ""  # how much was asked where, in words
     macs_before: int = 0
     macs_after: int = 0
     params_before: int = 0
@@ -83,7 +84,8 @@ class Report:
         """A readable account of the run, a few lines long (every group with `verbose`)."""
         pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
         lines = [
-            f"{self.model_input} -> {self.model_output}  ({self.criterion}, ratio {self.ratio})",
+            f"{self.model_input} -> {self.model_output}  "
+            f"({self.criterion}, {self.plan or f'ratio {self.ratio}'})",
             f"  final response layer: {self.frl}; {self.samples} calibration samples",
             f"  MACs    {self.macs_before:>14,} -> {self.macs_after:>14,}  "
             f"(-{pct(self.macs_reduction)})",

@@ -12,6 +12,8 @@ def select(
     element_class: np.ndarray,
     importance: np.ndarray,
     ratio: float | list[float],
+    round_to: int = 1,
+    min_keep: int = 1,
 ) -> np.ndarray:
     """Boolean mask over classes: true where the class is removed.
 
@@ -20,7 +22,8 @@ def select(
     a channel shared with a tensor that has met its quota is not taken (in an "option A"
     ResNet the narrow early stream and the wide late stream both lose `ratio`). Ties go to the
     lower class id, so the choice is deterministic. `ratio` is one for all groups or one
-    per group.
+    per group. Every tensor keeps at least `min_keep` channels, and with `round_to` N > 1 a
+    tensor that loses channels keeps a multiple of N (at least N; none lost below N).
     """
     ratios = [ratio] * len(groups) if np.ndim(ratio) == 0 else list(ratio)
     removed = np.zeros(len(importance), dtype=bool)
@@ -30,7 +33,7 @@ def select(
     for g, ratio in zip(groups, ratios):
         per_space = [np.unique(element_class[sp.elements]) for sp in g.spaces]
         quota = {
-            i: min(int(round(ratio * (~frozen[c]).sum())), len(c) - 1)
+            i: _quota(len(c), ratio * (~frozen[c]).sum(), round_to, min_keep)
             for i, c in enumerate(per_space)
         }
         done = dict.fromkeys(quota, 0)
@@ -49,3 +52,12 @@ def select(
                 for j in owners[int(k)]:
                     done[j] += 1
     return removed
+
+
+def _quota(size: int, cut: float, round_to: int, min_keep: int) -> int:
+    """How many of `size` channels one tensor loses when `cut` are asked for."""
+    quota = max(0, min(int(round(cut)), size - min_keep))
+    if quota == 0 or round_to <= 1:
+        return quota
+    kept = int(round((size - quota) / round_to)) * round_to
+    return size - min(size, max(kept, round_to, min_keep))

@@ -30,6 +30,23 @@ def count(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> tuple[int, 
 
     MACs count Conv, ConvTranspose, Gemm and MatMul; parameters are all float initializers.
     """
+    macs = sum(node_macs(proto, input_shapes).values())
+    params = sum(
+        int(np.prod(t.dims))
+        for t in proto.graph.initializer
+        if t.data_type
+        in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.FLOAT16,
+            onnx.TensorProto.DOUBLE,
+            onnx.TensorProto.BFLOAT16,
+        )
+    )
+    return macs, params
+
+
+def node_macs(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> dict[str, int]:
+    """MACs per sample of every Conv, ConvTranspose, Gemm and MatMul, by its output tensor."""
     m = _fixed_inputs(proto, input_shapes)
     shapes = {}
     for vi in [*m.graph.value_info, *m.graph.input, *m.graph.output]:
@@ -42,36 +59,25 @@ def count(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> tuple[int, 
                 if a.name == "value":
                     inits[node.output[0]] = tuple(a.t.dims)
     shapes.update({k: list(v) for k, v in inits.items()})
-    macs = 0
+    batch = max(1, int(next(iter(input_shapes.values()))[0]))
+    macs: dict[str, int] = {}
     for node in m.graph.node:
-        out = shapes.get(node.output[0]) if node.output else None
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        out = shapes.get(node.output[0])
         w = shapes.get(node.input[1]) if len(node.input) > 1 else None
         if out is None or w is None or None in out:
-            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                raise NispError(f"cannot size node {node.name!r} to count its MACs")
-            continue
+            raise NispError(f"cannot size node {node.name!r} to count its MACs")
         if node.op_type == "Conv":
-            macs += int(np.prod(out)) * int(np.prod(w[1:]))
+            n = int(np.prod(out)) * int(np.prod(w[1:]))
         elif node.op_type == "ConvTranspose":
-            x = shapes.get(node.input[0])
-            macs += int(np.prod(x)) * int(np.prod(w[1:]))
-        elif node.op_type in ("Gemm", "MatMul"):
+            n = int(np.prod(shapes[node.input[0]])) * int(np.prod(w[1:]))
+        else:
             a = shapes.get(node.input[0])
             k = a[0] if node.op_type == "Gemm" and _attr(node, "transA") else a[-1]
-            macs += int(np.prod(out)) * int(k)
-    batch = max(1, int(next(iter(input_shapes.values()))[0]))
-    params = sum(
-        int(np.prod(t.dims))
-        for t in m.graph.initializer
-        if t.data_type
-        in (
-            onnx.TensorProto.FLOAT,
-            onnx.TensorProto.FLOAT16,
-            onnx.TensorProto.DOUBLE,
-            onnx.TensorProto.BFLOAT16,
-        )
-    )
-    return macs // batch, params
+            n = int(np.prod(out)) * int(k)
+        macs[node.output[0]] = n // batch
+    return macs
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:

@@ -5,7 +5,9 @@
 
 For each model of ../shared/data (calibration and evaluation inputs disjoint, see
 tools/shared_data.py) and each ratio, every criterion prunes the same number of channels of
-every group, so all of them land at the same MACs. Columns: top-1 on the evaluation inputs,
+every group, so all of them land at the same MACs. A method `CRITERION@macs` instead uses
+`--target-macs` set to the MACs the first uniform method kept at that ratio (same MACs,
+ratios chosen per group from the global ranking); `CRITERION@global` uses `--global`. Columns: top-1 on the evaluation inputs,
 top-1 agreement with the unpruned model, and WARE (Yu et al. 2018, Eq. 20) of the final
 responses on the evaluation inputs, weighted by the Inf-FS scores of the unpruned model's
 final responses. A second table compares the WARE of NISP and layer-by-layer Inf-FS over
@@ -78,11 +80,20 @@ def main():
                 flush=True,
             )
             for ratio in ratios:
+                kept_macs = None
                 for method in methods:
+                    criterion, _, alloc = method.partition("@")
                     for repair in args.repair.split(","):
                         start = time.perf_counter()
                         reader = ArrayReader({inp: cal}, [inp], batch)
-                        r = prune(path, out, reader, ratio, criterion=method, repair=repair)
+                        kw = {"global_ranking": True} if alloc == "global" else {}
+                        if alloc == "macs":
+                            kw = {"target_macs": kept_macs}
+                        r = prune(
+                            path, out, reader, ratio, criterion=criterion, repair=repair, **kw
+                        )
+                        if not alloc and kept_macs is None:
+                            kept_macs = r.macs_after / r.macs_before
                         pred, resp = outputs(out, inp, frl, x, batch)
                         kept = np.asarray(r.frl_kept)
                         w = ware(base_resp[:, kept], resp, scores[kept])
