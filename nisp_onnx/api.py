@@ -19,6 +19,7 @@ from .repair import MODES
 from .repair import repair as fit_layers
 from .report import GroupReport, Report
 from .rewrite import rewrite
+from .sensitivity import damage
 from .verify import check, count, node_macs
 
 
@@ -106,7 +107,24 @@ def prune(
         groups = cg.groups(element_class)
         shapes = {k: v.shape for k, v in calib.batches[0].items()}
         base = node_macs(loaded.proto, shapes)
-        removed = allocate(groups, element_class, importance, plan, MacModel(cg, base))
+        removed = allocate(
+            groups,
+            element_class,
+            importance,
+            plan,
+            MacModel(cg, base),
+            lambda measure: damage(
+                cg,
+                loaded.proto,
+                calib.batches,
+                groups,
+                element_class,
+                importance,
+                measure,
+                plan.min_keep,
+                plan.round_to,
+            ),
+        )
         report.groups = [_group_report(g, removed) for g in groups]
     with report.stage("rewrite"):
         keep = ~removed[element_class]

@@ -15,6 +15,7 @@ import numpy as np
 from .channels import ChannelGraph, ChannelGroup
 from .errors import NispError
 from .select import select
+from .sensitivity import STEPS
 
 
 @dataclass
@@ -65,9 +66,13 @@ def allocate(
     importance: np.ndarray,
     plan: Plan,
     macs: MacModel | None = None,
+    damage: Callable[[list[bool]], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Boolean mask over classes, true where removed, following `plan` (`macs` is needed for
-    a MACs target)."""
+    """Boolean mask over classes, true where removed, following `plan`.
+
+    A MACs target needs `macs`; without a global ranking it also needs `damage`, which
+    returns the measured damage table of `sensitivity.damage` for the groups it is asked for.
+    """
 
     def pick(ratios: list[float | None]) -> np.ndarray:
         return select(groups, element_class, importance, ratios, plan.round_to, plan.min_keep)
@@ -75,6 +80,10 @@ def allocate(
     if plan.target_macs is None and not plan.global_ranking:
         return pick(layer_ratios(groups, plan.ratio, plan.layer_ratio))
     fixed = layer_ratios(groups, None, plan.layer_ratio)
+    if not plan.global_ranking:
+        assert macs is not None and damage is not None, "a MACs target needs a damage table"
+        table = damage([f is None and g.prunable > 0 for f, g in zip(fixed, groups)])
+        return pick(cheapest_ratios(groups, fixed, plan, macs, table, pick, element_class))
     ranking = GlobalRanking(
         groups, importance, [f is None for f in fixed], plan.normalize, plan.max_layer_ratio
     )
@@ -102,28 +111,40 @@ class MacModel:
     """
 
     def __init__(self, cg: ChannelGraph, node_macs: dict[str, int]):
-        consumed: dict[str, list] = {}
+        consumed: dict[str, list[int]] = {}
         for node, _, sp in cg.mixing:
-            consumed.setdefault(node.name, []).append(sp)
-        self.terms = []
+            consumed.setdefault(node.name, []).append(sp.id)
+        self.spaces = cg.spaces
         self.total = sum(node_macs.values())
+        macs, ids = [], []
         for node in cg.graph.nodes:
-            macs = node_macs.get(node.outputs[0].name, 0) if node.outputs else 0
-            if not macs:
+            m = node_macs.get(node.outputs[0].name, 0) if node.outputs else 0
+            if not m:
                 continue
             spaces = list(consumed.get(node.name, []))
             out = cg.space(node.outputs[0])
             if out is not None and out.producer == node.name:
-                spaces.append(out)
-            self.terms.append((macs, spaces))
-        self.fixed = self.total - sum(m for m, _ in self.terms)  # nodes the analysis never saw
+                spaces.append(out.id)
+            macs.append(m)
+            ids.append(spaces)
+        self.fixed = self.total - sum(macs)  # nodes the analysis never saw
+        self.macs_per_term = np.array(macs, dtype=np.float64)
+        width = max((len(i) for i in ids), default=0)
+        # space ids per term, padded with the id of an extra always-full space
+        self.ids = np.full((len(ids), width), len(cg.spaces), dtype=np.int64)
+        for t, i in enumerate(ids):
+            self.ids[t, : len(i)] = i
+
+    def fractions(self, keep: np.ndarray) -> np.ndarray:
+        """Kept fraction of every space (and a trailing 1 for padding)."""
+        return np.array([*(keep[sp.elements].mean() for sp in self.spaces), 1.0])
+
+    def from_fractions(self, fractions: np.ndarray) -> float:
+        return float(self.fixed + self.macs_per_term @ fractions[self.ids].prod(axis=1))
 
     def macs(self, keep: np.ndarray) -> float:
         """Predicted MACs per sample with `keep` (bool per element)."""
-        total = float(self.fixed)
-        for macs, spaces in self.terms:
-            total += macs * np.prod([keep[sp.elements].mean() for sp in spaces])
-        return total
+        return self.from_fractions(self.fractions(keep))
 
 
 def layer_ratios(
@@ -190,6 +211,78 @@ class GlobalRanking:
         return counts / self.prunable
 
 
+def cheapest_ratios(
+    groups: list[ChannelGroup],
+    fixed: list[float | None],
+    plan: Plan,
+    macs: MacModel,
+    table: np.ndarray,
+    pick: Callable[[list[float | None]], np.ndarray],
+    element_class: np.ndarray,
+) -> list[float]:
+    """Per-group ratios meeting `plan.target_macs` at the least measured damage.
+
+    Greedy: every group starts at ratio 0 and the group whose next step of `STEPS` costs the
+    least damage per MAC saved takes it, until the target is met; the last group's ratio is
+    then settled class by class to land nearest the target. Damage is assumed additive.
+    """
+    steps = [r for r in STEPS if r <= plan.max_layer_ratio + 1e-9]
+    target = plan.target_macs * macs.total
+
+    def fractions(ratios: list[float | None]) -> np.ndarray:
+        return macs.fractions(~pick(ratios)[element_class])
+
+    base = [0.0 if f is None else f for f in fixed]
+    frac = fractions(base)
+    moves: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+    for i, g in enumerate(groups):
+        if fixed[i] is None and g.prunable:
+            ids = [sp.id for sp in g.spaces]
+            moves[i] = (ids, [fractions([*base[:i], r, *base[i + 1 :]])[ids] for r in steps])
+    state = dict.fromkeys(moves, 0)
+    current, last = macs.from_fractions(frac), None
+    while current > target:
+        best = None
+        for i, j in state.items():
+            if j + 1 < len(steps):
+                ids, rows = moves[i]
+                f = frac.copy()
+                f[ids] = rows[j + 1]
+                m = macs.from_fractions(f)
+                cost = (table[i, j + 1] - table[i, j]) / max(current - m, 1e-9)
+                if m < current and (best is None or cost < best[0]):
+                    best = (cost, i, m, f)
+        if best is None:
+            _unreachable(plan.target_macs, current / macs.total)
+        _, last, current, frac = best
+        state[last] += 1
+    ratios = [steps[state[i]] if i in state else float(base[i]) for i in range(len(groups))]
+    if last is not None:  # settle the last group's ratio between its last two steps
+        p = groups[last].prunable
+        lo = int(round(steps[state[last] - 1] * p))
+        hi = int(round(steps[state[last]] * p))
+
+        def at(k: int) -> float:
+            ratios[last] = k / p
+            return macs.macs(~pick(ratios)[element_class])
+
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if at(mid) <= target else (mid + 1, hi)
+        if lo > 0 and at(lo - 1) - target < target - at(lo):
+            lo -= 1
+        ratios[last] = lo / p
+    return ratios
+
+
+def _unreachable(target: float, best: float) -> None:
+    raise NispError(
+        f"--target-macs {target}: at most {100 * (1 - best):.1f}% of the MACs can be removed "
+        "(frozen groups, --exclude, --layer-ratio, --max-layer-ratio or --round-to limit the "
+        "rest)"
+    )
+
+
 def target_ratios(
     ranking: GlobalRanking,
     fixed: list[float | None],
@@ -206,12 +299,7 @@ def target_ratios(
 
     lo, hi = 0, len(ranking)
     if macs_of(ratios(hi)) > target * total:
-        best = 1 - macs_of(ratios(hi)) / total
-        raise NispError(
-            f"--target-macs {target}: at most {100 * best:.1f}% of the MACs can be removed "
-            "(frozen groups, --exclude, --layer-ratio, --max-layer-ratio or --round-to limit the "
-            "rest)"
-        )
+        _unreachable(target, macs_of(ratios(hi)) / total)
     while lo < hi:
         mid = (lo + hi) // 2
         if macs_of(ratios(mid)) <= target * total:

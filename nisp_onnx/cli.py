@@ -14,6 +14,7 @@ from . import __version__
 from .api import prune
 from .criteria import CRITERIA
 from .errors import NispError
+from .explain import explain
 from .model_io import LoadedModel, load_model
 from .readers import ArrayReader, ImageFolderReader, model_preprocess
 from .repair import MODES
@@ -28,11 +29,16 @@ def _parser() -> argparse.ArgumentParser:
         "whole channels are removed, the output runs on any onnxruntime provider.",
     )
     p.add_argument("input", help="the ONNX model to prune")
-    p.add_argument("output", help="where to write the pruned model")
+    p.add_argument("output", nargs="?", help="where to write the pruned model")
     p.add_argument(
         "--calib",
-        required=True,
         help="folder of images (class subfolders give labels), or .npz/.npy inputs",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the channel groups, what is frozen and why, and the MACs each group would "
+        "save; needs no calibration data and writes nothing",
     )
     p.add_argument(
         "--ratio",
@@ -175,6 +181,25 @@ def _reader(args: argparse.Namespace, model: LoadedModel) -> ImageFolderReader |
     return reader
 
 
+def _dry_run_shapes(proto: onnx.ModelProto, size: list[int] | None) -> dict[str, tuple]:
+    """Input shapes for counting MACs: batch 1, --size for the last two dimensions."""
+    inits = {t.name for t in proto.graph.initializer}
+    shapes = {}
+    for inp in proto.graph.input:
+        if inp.name in inits:
+            continue
+        dims = [
+            d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim
+        ]
+        dims[:1] = [1]
+        if size and len(dims) >= 3:
+            dims[-2:] = size
+        if None in dims:
+            raise NispError(f"input {inp.name!r} has dynamic dimensions {dims}; give --size H W")
+        shapes[inp.name] = tuple(dims)
+    return shapes
+
+
 def _pattern_ratio(text: str) -> tuple[str, float]:
     pattern, sep, value = text.rpartition("=")
     try:
@@ -194,6 +219,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.ratio < 1:
         raise NispError(f"--ratio must be in [0, 1), got {args.ratio}")
     layer_ratio = dict(_pattern_ratio(v) for v in args.layer_ratio)
+    if args.dry_run:
+        model = load_model(args.input)
+        shapes = _dry_run_shapes(model.proto, args.size)
+        print(explain(model, shapes, args.ratio, args.exclude, layer_ratio, args.round_to))
+        return 0
+    if args.output is None or args.calib is None:
+        raise NispError("give the output model and --calib (or --dry-run to only look)")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise NispError(f"{args.output}: refusing to overwrite the input model")
     model = load_model(args.input)

@@ -17,6 +17,7 @@ from .errors import NispError
 from .infs import infs_scores, supervised_infs_scores
 from .propagate import class_importance, propagate
 from .rules import rule_of
+from .taylor import Taylor
 
 
 @dataclass
@@ -188,7 +189,16 @@ class LayerByLayer:
 
 CRITERIA = {
     c.name: c
-    for c in (NispInfs, NispInfsSupervised, NispMag, FilterL1, BnScale, Random, LayerByLayer)
+    for c in (
+        NispInfs,
+        NispInfsSupervised,
+        NispMag,
+        Taylor,
+        FilterL1,
+        BnScale,
+        Random,
+        LayerByLayer,
+    )
 }
 
 

@@ -72,6 +72,11 @@ def test_ratio_zero_keeps_the_function(tmp_path):
         (["NOTONNX", "OUT", "--calib", CALIB], "not a valid ONNX file"),
         ([SAMPLE, "OUT", "--calib", CALIB, "--frl", "nope"], "'nope': the model has no tensor"),
         ([SAMPLE, "OUT", "--calib", CALIB, "--criterion", "magic"], "invalid choice: 'magic'"),
+        ([SAMPLE, "OUT", "--calib", CALIB, "--layer-ratio", "conv"], "expected PATTERN=R"),
+        ([SAMPLE, "OUT", "--calib", CALIB, "--layer-ratio", "*=2"], "must be in [0, 1)"),
+        ([SAMPLE, "OUT", "--calib", CALIB, "--target-macs", "0"], "--target-macs is the"),
+        ([SAMPLE, "OUT", "--calib", CALIB, "--round-to", "0"], "--round-to must be"),
+        ([SAMPLE, "OUT"], "give the output model and --calib"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):
@@ -90,3 +95,20 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out.onnx").exists()
     assert not list(tmp_path.glob(".out.onnx*"))
+
+
+def test_target_macs_and_round_to(tmp_path):
+    out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    args = ["--target-macs", "0.5", "--round-to", "2", "--num-samples", "64", "--no-repair"]
+    r = cli(SAMPLE, out, "--calib", CALIB, *args, "--report", report)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(report.read_text())
+    assert abs(data["macs_reduction"] - 0.5) < 0.05 and "target MACs 0.5" in data["plan"]
+    assert all(g["kept"] % 2 == 0 for g in data["groups"] if g["kept"] < g["channels"])
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    r = cli(SAMPLE, tmp_path / "never.onnx", "--dry-run", "--ratio", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "channel groups" in r.stdout and "saves" in r.stdout and "frozen" in r.stdout
+    assert "all groups together" in r.stdout and not list(tmp_path.iterdir())

@@ -9,6 +9,7 @@ from test_rules import chain, residual_activations
 from nisp_onnx import CRITERIA, ArrayReader, Context, NispError, analyze, collect, load_model, prune
 from nisp_onnx.analyze import find_frl
 from nisp_onnx.criteria import FilterL1, NispMag, get_criterion
+from nisp_onnx.infs import fisher_scores, mutual_information, supervised_infs_scores
 from nisp_onnx.verify import ware
 
 
@@ -86,3 +87,63 @@ def test_ware_by_hand():
     # relative errors 0.5 and 0.5 on neurons 0 and 1, zero elsewhere; 4 live entries
     assert ware(y, y_hat, scores) == pytest.approx((0.5 * 0.5 + 1.5 * 0.5) / 4)
     assert ware(y, y, scores) == 0.0
+
+
+def test_bn_scale_is_the_largest_batchnorm_scale_of_each_class():
+    b = Builder(shape=(8, 3, 8, 8))
+    model = residual_activations(b)
+    ctx = context(model, b.feed())
+    imp = get_criterion("bn-scale").importance(ctx)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    want = np.full(len(imp), -np.inf)
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            gamma, var = inits[node.input[1]], inits[node.input[4]]
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            sp = ctx.cg.by_tensor[node.output[0]]
+            cls = ctx.element_class[sp.elements]
+            want[cls] = np.maximum(want[cls], np.abs(gamma) / np.sqrt(var + eps))
+    want[~np.isfinite(want)] = np.inf  # no BatchNorm: never cut
+    np.testing.assert_allclose(imp, want, rtol=1e-6)
+
+
+def test_bn_scale_uses_one_global_threshold_and_keeps_three():
+    b = Builder(shape=(8, 3, 8, 8))
+    model = residual_activations(b)
+    r = prune(model, None, ArrayReader(b.feed(), ["x"], 4), 0.8, criterion="bn-scale")
+    assert r.plan.startswith("global ratio 0.8")
+    assert all(g.kept >= min(3, g.channels) for g in r.groups)
+    assert len({round(g.kept / g.channels, 2) for g in r.groups if not g.frozen}) > 1
+
+
+def test_bn_scale_without_batchnorm_is_a_user_error():
+    b = Builder(shape=(8, 3, 8, 8))
+    x = b.op("Relu", b.conv(b.input, 3, 4))
+    model = b.model(b.head(x, 4))
+    with pytest.raises(NispError, match="bn-scale needs BatchNormalization"):
+        prune(model, None, ArrayReader(b.feed(), ["x"]), 0.5, criterion="bn-scale")
+
+
+def test_supervised_infs_parts_against_direct_computations():
+    rng = np.random.default_rng(0)
+    y = rng.permutation(np.repeat(np.arange(3), 100))
+    x = rng.standard_normal((300, 4))
+    x[:, 0] += 2 * y  # informative
+    # Fisher score by its definition
+    mu = x.mean(0)
+    between = sum((y == c).sum() * (x[y == c].mean(0) - mu) ** 2 for c in range(3))
+    within = sum((y == c).sum() * x[y == c].var(0) for c in range(3))
+    np.testing.assert_allclose(fisher_scores(x, y), between / within)
+    # a feature that is the label itself carries H(Y) = ln 3 nats; an independent one about 0
+    h = np.log(3)
+    mi = mutual_information(np.column_stack([y.astype(float), rng.random(300)]), y, bins=3)
+    assert mi[0] == pytest.approx(h) and mi[1] < 0.05
+    scores = supervised_infs_scores(x, y)
+    assert scores.argmax() == 0
+
+
+def test_supervised_criterion_needs_labels():
+    b = Builder(shape=(8, 3, 8, 8))
+    model = chain(b)
+    with pytest.raises(NispError, match="needs labels"):
+        prune(model, None, ArrayReader(b.feed(), ["x"]), 0.5, criterion="nisp-infs-supervised")

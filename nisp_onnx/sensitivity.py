@@ -1,0 +1,93 @@
+"""Measured sensitivity of each channel group: how far the model's output moves when the group
+alone loses its least important channels, for a MACs budget spent where it hurts least."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .calibrate import session
+from .channels import ChannelGraph, ChannelGroup
+from .model_io import export, load_model
+from .select import select
+
+STEPS = tuple(np.round(np.arange(10) / 10, 1))  # ratios tried per group
+SAMPLES = 64  # calibration inputs the damage is measured on
+
+
+class MaskedModel:
+    """The model with a 0/1 mask multiplied into every input that a mixing layer reads,
+    the masks fed as graph inputs: one session evaluates any choice of removed channels."""
+
+    def __init__(self, cg: ChannelGraph, proto: onnx.ModelProto):
+        loaded = load_model(proto)
+        graph = loaded.graph()
+        nodes = {n.name: n for n in graph.nodes}
+        self.masks = []
+        for node, index, sp in cg.mixing:
+            x = nodes[node.name].inputs[index]
+            if x.shape is None:
+                continue
+            shape = [1] * len(x.shape)
+            shape[sp.axis] = sp.size
+            mask = gs.Variable(f"{node.name}__mask{index}", np.float32, shape)
+            masked = gs.Variable(f"{x.name}__masked_{node.name}", np.float32)
+            graph.nodes.append(gs.Node("Mul", inputs=[x, mask], outputs=[masked]))
+            nodes[node.name].inputs[index] = masked
+            graph.inputs.append(mask)
+            self.masks.append((mask.name, sp, shape))
+        self.session = session(export(graph.toposort(), loaded.proto))
+        self.output = self.session.get_outputs()[0].name
+
+    def run(self, batches: list[dict[str, np.ndarray]], keep: np.ndarray) -> np.ndarray:
+        """Output 0 over `batches` with the elements where `keep` is false zeroed."""
+        masks = {
+            name: keep[sp.elements].astype(np.float32).reshape(shape)
+            for name, sp, shape in self.masks
+        }
+        return np.concatenate([self.session.run([self.output], {**b, **masks})[0] for b in batches])
+
+
+def damage(
+    cg: ChannelGraph,
+    proto: onnx.ModelProto,
+    batches: list[dict[str, np.ndarray]],
+    groups: list[ChannelGroup],
+    element_class: np.ndarray,
+    importance: np.ndarray,
+    measure: list[bool],
+    min_keep: int = 1,
+    round_to: int = 1,
+) -> np.ndarray:
+    """[groups, STEPS]: KL divergence of the model's predictions from the original's when one
+    group alone loses each ratio of STEPS of its channels (least important first), made
+    non-decreasing in the ratio; zero for groups not to `measure`."""
+    model = MaskedModel(cg, proto)
+    used, n = [], 0
+    for b in batches:
+        if n >= SAMPLES:
+            break
+        used.append(b)
+        n += len(next(iter(b.values())))
+    reference = _log_probs(model.run(used, np.ones(cg.n_elements, bool)))
+    table = np.zeros((len(groups), len(STEPS)))
+    for i in range(len(groups)):
+        if not measure[i]:
+            continue
+        for j, ratio in enumerate(STEPS[1:], 1):
+            ratios = [0.0] * len(groups)
+            ratios[i] = ratio
+            keep = ~select(groups, element_class, importance, ratios, round_to, min_keep)
+            logq = _log_probs(model.run(used, keep[element_class]))
+            table[i, j] = float((np.exp(reference) * (reference - logq)).sum(axis=1).mean())
+    return np.maximum.accumulate(table, axis=1)
+
+
+def _log_probs(y: np.ndarray) -> np.ndarray:
+    """Log class probabilities from outputs that are logits, or already probabilities."""
+    y = y.reshape(len(y), -1).astype(np.float64)
+    if (y >= 0).all() and np.allclose(y.sum(axis=1), 1, atol=1e-3):
+        return np.log(np.maximum(y, 1e-30))
+    y = y - y.max(axis=1, keepdims=True)
+    return y - np.log(np.exp(y).sum(axis=1, keepdims=True))

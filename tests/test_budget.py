@@ -1,0 +1,128 @@
+"""How much is pruned where: MACs model, layer ratios, global ranking, MACs targets, rounding,
+measured sensitivity."""
+
+import numpy as np
+import onnx
+import pytest
+from graphs import Builder
+from onnx import numpy_helper
+from test_rules import chain, inception, mobilenet, option_a, residual_activations
+
+from nisp_onnx import ArrayReader, NispError, analyze, load_model, prune, rewrite
+from nisp_onnx.analyze import find_frl
+from nisp_onnx.budget import GlobalRanking, MacModel
+from nisp_onnx.calibrate import collect
+from nisp_onnx.model_io import export
+from nisp_onnx.propagate import class_importance
+from nisp_onnx.select import select
+from nisp_onnx.sensitivity import STEPS, MaskedModel, damage
+from nisp_onnx.verify import count, node_macs
+
+
+def _plan(model, ratio, seed):
+    loaded = load_model(model)
+    cg = analyze(loaded.graph(), 14, ())
+    cls = cg.classes()
+    groups = cg.groups(cls)
+    imp = class_importance(np.random.default_rng(seed).random(cg.n_elements), cls)
+    return loaded, cg, cls, groups, imp
+
+
+@pytest.mark.parametrize("case", [chain, residual_activations, mobilenet, inception, option_a])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mac_model_predicts_the_counted_macs(case, seed):
+    b = Builder()
+    model = case(b)
+    loaded, cg, cls, groups, imp = _plan(model, 0.5, seed)
+    shapes = {"x": b.shape}
+    macs = MacModel(cg, node_macs(loaded.proto, shapes))
+    ratios = list(np.random.default_rng(seed).uniform(0, 0.8, len(groups)))
+    keep = ~select(groups, cls, imp, ratios)[cls]
+    predicted = macs.macs(keep)
+    pruned = onnx.shape_inference.infer_shapes(export(rewrite(cg, keep), loaded.proto))
+    counted, _ = count(pruned, shapes)
+    assert predicted == pytest.approx(counted, rel=1e-9)
+    assert macs.total == count(loaded.proto, shapes)[0]
+
+
+def _wide_residual(width=32):
+    b = Builder(shape=(16, 3, 8, 8))
+    x = b.cbr(b.input, 3, width)
+    for _ in range(3):
+        y = b.cbr(b.cbr(x, width, 3 * width // 4), 3 * width // 4, width)
+        x = b.op("Relu", b.op("Add", x, y))
+    return b, b.model(b.head(x, width))
+
+
+def test_layer_ratio_overrides_the_groups_of_matching_nodes():
+    b, model = _wide_residual()
+    first_inner = [n for n in b.nodes if n.op_type == "Conv"][1].name
+    reader = ArrayReader(b.feed(), ["x"], 8)
+    r = prune(model, None, reader, 0.5, repair="none", layer_ratio={first_inner: 0.25})
+    kept = {tuple(g.nodes): g.kept / g.channels for g in r.groups if not g.frozen}
+    override = [k for k in kept if first_inner in k]
+    assert len(override) == 1 and kept[override[0]] == pytest.approx(0.75)
+    assert all(v == pytest.approx(0.5) for k, v in kept.items() if first_inner not in k)
+
+
+def test_global_ranking_removes_the_ratio_of_all_channels_and_respects_the_cap():
+    b, model = _wide_residual()
+    loaded, cg, cls, groups, imp = _plan(model, 0.5, 0)
+    free = [True] * len(groups)
+    ranking = GlobalRanking(groups, imp, free, max_ratio=0.6)
+    prunable = sum(g.prunable for g in groups)
+    k = int(round(0.5 * prunable))
+    ratios = ranking.ratios(k)
+    assert sum(r * max(g.prunable, 1) for r, g in zip(ratios, groups)) == pytest.approx(k)
+    assert max(ratios) <= 0.6 + 1e-9
+    # scores are normalised per group: scaling one group's scores changes nothing
+    scaled = imp.copy()
+    scaled[groups[1].classes] *= 1e6
+    again = GlobalRanking(groups, scaled, free, max_ratio=0.6).ratios(k)
+    np.testing.assert_allclose(again, ratios)
+
+
+@pytest.mark.parametrize("global_ranking", [False, True])
+def test_target_macs_lands_within_one_percent(global_ranking):
+    b, model = _wide_residual(64)
+    reader = ArrayReader(b.feed(), ["x"], 8)
+    r = prune(model, None, reader, repair="none", target_macs=0.5, global_ranking=global_ranking)
+    assert r.macs_after / r.macs_before == pytest.approx(0.5, abs=0.01)
+    assert "target MACs 0.5" in r.summary()
+
+
+def test_unreachable_target_is_a_user_error():
+    b, model = _wide_residual()
+    with pytest.raises(NispError, match="at most .* of the MACs can be removed"):
+        prune(model, None, ArrayReader(b.feed(), ["x"]), target_macs=0.2, max_layer_ratio=0.3)
+
+
+def test_round_to_keeps_multiples(tmp_path):
+    b, model = _wide_residual()
+    out = tmp_path / "out.onnx"
+    prune(model, out, ArrayReader(b.feed(), ["x"], 8), 0.4, repair="none", round_to=8)
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    convs = [n for n in onnx.load(out).graph.node if n.op_type == "Conv"]
+    widths = [weights[n.input[1]].shape[0] for n in convs]
+    assert all(w % 8 == 0 for w in widths) and min(widths) < 32
+
+
+def test_masked_model_and_damage_table():
+    b, model = _wide_residual()
+    loaded, cg, cls, groups, imp = _plan(model, 0.5, 0)
+    batches = [b.feed()]
+    masked = MaskedModel(cg, loaded.proto)
+    sess_out = collect(loaded.proto, ArrayReader(b.feed(), ["x"]), find_frl(cg.graph)[0])
+    original = masked.run(batches, np.ones(cg.n_elements, bool))
+    assert (original.argmax(1) == sess_out.predictions).all()
+    # zeroing through the masks is the zeroed-channel reference of a real cut
+    keep = ~select(groups, cls, imp, 0.5)[cls]
+    pruned = export(rewrite(cg, keep), loaded.proto)
+    from equivalence import run
+
+    np.testing.assert_allclose(masked.run(batches, keep), run(pruned, b.feed())[0], atol=1e-4)
+    _, cg, cls, groups, imp = _plan(model, 0.5, 0)
+    table = damage(cg, loaded.proto, batches, groups, cls, imp, [g.prunable > 0 for g in groups])
+    assert table.shape == (len(groups), len(STEPS))
+    assert (table[:, 0] == 0).all() and (np.diff(table, axis=1) >= 0).all()
+    assert table[:, -1].max() > 0
