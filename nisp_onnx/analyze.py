@@ -52,13 +52,17 @@ def analyze(graph: gs.Graph, opset: int, exclude: Iterable[str] = ()) -> Channel
 
 def find_frl(graph: gs.Graph) -> tuple[str, str]:
     """(FRL tensor, classifier node): the data input of the last weighted layer before the
-    first graph output, looking through Softmax/Flatten/Reshape/bias-Add and the like."""
+    first graph output, looking through Softmax/Flatten/Reshape/bias-Add and the like, and
+    through global pooling (with a Relu) to a 1x1 Conv classifier (SqueezeNet)."""
     out = graph.outputs[0]
+    pooled = False
     while out.inputs:
         node = out.inputs[0]
-        if _is_classifier(node):
+        if _is_classifier(node, pooled):
             return node.inputs[0].name, node.name
-        if node.op not in _HEAD_OPS:
+        if node.op in _GLOBAL_POOLS or (pooled and node.op == "Relu"):
+            pooled = True
+        elif node.op not in _HEAD_OPS:
             break
         data = [t for t in node.inputs if not isinstance(t, gs.Constant)]
         if len(data) != 1:
@@ -70,7 +74,7 @@ def find_frl(graph: gs.Graph) -> tuple[str, str]:
     )
 
 
-def _is_classifier(node: gs.Node) -> bool:
+def _is_classifier(node: gs.Node, pooled: bool = False) -> bool:
     if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return False
     if node.op in ("Gemm", "MatMul"):
@@ -78,7 +82,7 @@ def _is_classifier(node: gs.Node) -> bool:
     if node.op == "Conv" and node.attrs.get("group", 1) == 1:
         w = node.inputs[1].values
         shape = shape_of(node.inputs[0])
-        pooled = bool(node.inputs[0].inputs) and node.inputs[0].inputs[0].op in _GLOBAL_POOLS
         unit = shape is not None and all(dim(shape, a) == 1 for a in range(2, len(shape)))
-        return all(k == 1 for k in w.shape[2:]) and (pooled or unit)
+        after_pool = bool(node.inputs[0].inputs) and node.inputs[0].inputs[0].op in _GLOBAL_POOLS
+        return all(k == 1 for k in w.shape[2:]) and (pooled or after_pool or unit)
     return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from functools import partial
 
 import numpy as np
 import onnx
@@ -57,8 +58,9 @@ def prune(
     How much goes where: `layer_ratio` maps node-name globs to ratios for the groups holding
     a matching node; `global_ranking` ranks all other groups' channels together (scores
     divided by their group's mean) and removes `ratio` of them, no group losing more than
-    `max_layer_ratio`; `target_macs` instead removes channels in that global order until the
-    model keeps that fraction of its MACs; `round_to` keeps channel counts multiples of N.
+    `max_layer_ratio`; `target_macs` instead chooses the ratios so that the model keeps that
+    fraction of its MACs, from each group's measured sensitivity (or in the global order with
+    `global_ranking`); `round_to` keeps channel counts multiples of N.
     `global_ranking=None` takes the criterion's own default (bn-scale ranks globally).
     """
     if repair not in MODES:
@@ -107,23 +109,16 @@ def prune(
         groups = cg.groups(element_class)
         shapes = {k: v.shape for k, v in calib.batches[0].items()}
         base = node_macs(loaded.proto, shapes)
+        sensitivity = partial(
+            damage, cg, loaded.proto, calib.batches, groups, element_class, importance
+        )
         removed = allocate(
             groups,
             element_class,
             importance,
             plan,
             MacModel(cg, base),
-            lambda measure: damage(
-                cg,
-                loaded.proto,
-                calib.batches,
-                groups,
-                element_class,
-                importance,
-                measure,
-                plan.min_keep,
-                plan.round_to,
-            ),
+            lambda measure: sensitivity(measure, plan.min_keep, plan.round_to),
         )
         report.groups = [_group_report(g, removed) for g in groups]
     with report.stage("rewrite"):

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from .errors import NispError
+from .shapes import fold_run_time_shapes
 
 TWO_GB = 2**31
 
@@ -91,8 +92,9 @@ def _check_domains(proto: onnx.ModelProto, path: Path | None) -> None:
 
 
 def _prepare(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold constant subgraphs (weights behind Identity, reshaped parameters) and infer shapes."""
-    graph = gs.import_onnx(proto)
+    """Fold constant subgraphs (weights behind Identity, reshaped parameters) and shapes
+    computed at run time, and infer shapes."""
+    graph = gs.import_onnx(fold_run_time_shapes(proto))
     graph.fold_constants(error_ok=True).cleanup().toposort()
     _name_nodes(graph)
     folded = export(graph, proto)

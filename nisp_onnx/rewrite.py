@@ -29,8 +29,17 @@ def rewrite(cg: ChannelGraph, keep_elements: np.ndarray) -> gs.Graph:
 
 def zero_removed(cg: ChannelGraph, keep_elements: np.ndarray) -> gs.Graph:
     """The reference model: the original graph with removed channels multiplied by zero
-    where mixing layers read them. A correct rewrite computes exactly this function."""
+    where mixing layers read them, and nodes whose function depends on the channel count
+    (LayerNormalization over channels) made to see the kept ones only (`Rule.reference`).
+    A correct rewrite computes exactly this function."""
     graph = cg.graph
+
+    def keep(tensor: gs.Tensor) -> np.ndarray | None:
+        sp = cg.space(tensor)
+        return None if sp is None else keep_elements[sp.elements]
+
+    for node in list(graph.nodes):
+        rule_of(node).reference(node, cg, keep, graph)
     for node, index, sp in cg.mixing:
         mask = keep_elements[sp.elements]
         if mask.all():

@@ -13,7 +13,7 @@ from .model_io import export, load_model
 from .select import select
 
 STEPS = tuple(np.round(np.arange(10) / 10, 1))  # ratios tried per group
-SAMPLES = 64  # calibration inputs the damage is measured on
+SAMPLES = 32  # calibration inputs the damage is measured on
 
 
 class MaskedModel:

@@ -7,7 +7,7 @@ import pytest
 from equivalence import check_equivalent, run
 from graphs import Builder
 
-from nisp_onnx import analyze, load_model
+from nisp_onnx import analyze, find_frl, load_model
 
 
 def chain(b):
@@ -128,6 +128,67 @@ def unknown_op(b):
     return b.model(b.head(x, 8))
 
 
+def _shuffle(b, x, c, hw, shape=None):
+    x = b.op("Reshape", x, shape or b.const([0, 2, c // 2, hw, hw], np.int64))
+    x = b.op("Transpose", x, perm=[0, 2, 1, 3, 4])
+    return b.op("Reshape", x, b.const([0, c, hw, hw], np.int64))
+
+
+def channel_shuffle(b):
+    x = b.cbr(b.input, 3, 8)
+    left, right = b.op("Split", x, b.const([4, 4], np.int64), axis=1, outputs=2)
+    x = _shuffle(b, b.op("Concat", left, b.cbr(right, 4, 4), axis=1), 8, 8)
+    left, right = b.op("Split", x, b.const([4, 4], np.int64), axis=1, outputs=2)
+    x = _shuffle(b, b.op("Concat", left, b.cbr(right, 4, 4), axis=1), 8, 8)
+    return b.model(b.head(b.cbr(x, 8, 6), 6))
+
+
+def run_time_shapes(b):
+    """TorchScript style: the shuffle's target is computed from Shape at run time."""
+    x = b.cbr(b.input, 3, 8)
+    batch = b.op(
+        "Unsqueeze", b.op("Gather", b.op("Shape", x), b.const(0, np.int64)), b.const([0], np.int64)
+    )
+    dims = b.op("Concat", batch, b.const([2, 4, 8, 8], np.int64), axis=0)
+    x = _shuffle(b, x, 8, 8, shape=dims)
+    flat = b.op("Concat", batch, b.const([-1], np.int64), axis=0)
+    x = b.op("Reshape", b.op("GlobalAveragePool", b.cbr(x, 8, 6)), flat)
+    return b.model(b.gemm(x, 6, 4))
+
+
+def convnext_block(b):
+    b.opset = 17
+    x = b.conv(b.input, 3, 8)
+    t = b.op("Transpose", b.conv(x, 8, 8, k=3, group=8), perm=[0, 2, 3, 1])
+    t = b.op(
+        "LayerNormalization", t, b.const(b.rng.uniform(0.5, 1.5, 8)), b.const(np.zeros(8)), axis=-1
+    )
+    t = b.op("Relu", b.op("MatMul", t, b.weight(8, 16)))
+    t = b.op("Mul", b.op("MatMul", t, b.weight(16, 8)), b.const(b.rng.uniform(0.5, 1.5, 8)))
+    x = b.op("Add", x, b.op("Transpose", t, perm=[0, 3, 1, 2]))
+    t = b.op(
+        "LayerNormalization",
+        b.op("Transpose", x, perm=[0, 2, 3, 1]),
+        b.const(b.rng.uniform(0.5, 1.5, 8)),
+        axis=-1,
+    )
+    return b.model(b.head(b.op("Transpose", t, perm=[0, 3, 1, 2]), 8))
+
+
+def attention(b):
+    b.shape = (2, 6, 16)
+    x = b.op("MatMul", b.input, b.weight(16, 16))
+    qkv = b.op("Reshape", b.op("MatMul", x, b.weight(16, 48)), b.const([0, 6, 3, 2, 8], np.int64))
+    qkv = b.op("Transpose", qkv, perm=[2, 0, 3, 1, 4])
+    q, k, v = (b.op("Gather", qkv, b.const(i, np.int64), axis=0) for i in range(3))
+    a = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
+    a = b.op("Softmax", b.op("Mul", a, b.const(0.35)), axis=-1)
+    y = b.op("Transpose", b.op("MatMul", a, v), perm=[0, 2, 1, 3])
+    y = b.op("MatMul", b.op("Reshape", y, b.const([0, 6, 16], np.int64)), b.weight(16, 16))
+    y = b.op("Gather", b.op("Add", x, y), b.const(0, np.int64), axis=1)  # the class token
+    return b.model(b.gemm(y, 16, 4))
+
+
 CASES = [
     chain,
     residual_activations,
@@ -139,6 +200,10 @@ CASES = [
     split_concat,
     transformer_mlp,
     unknown_op,
+    channel_shuffle,
+    run_time_shapes,
+    convnext_block,
+    attention,
 ]
 
 
@@ -210,3 +275,79 @@ def test_grouped_conv_keeps_whole_groups():
     for n in grouped:
         g = next(a.i for a in n.attribute if a.name == "group")
         assert inits[n.input[1]].shape[0] % g == 0
+
+
+def _producer(b, op, index=0):
+    return [n for n in b.nodes if n.op_type == op][index]
+
+
+def test_channel_shuffle_is_pruned_in_pairs():
+    b = Builder()
+    model = channel_shuffle(b)
+    shuffled = _producer(b, "Reshape", 1).output[0]
+    cg = analyze(load_model(model).graph(), 14)
+    cls = cg.classes()
+    assert len(np.unique(cls[cg.by_tensor[shuffled].elements])) == 4  # c and c + 4 go together
+    g = _group_of(model, shuffled)
+    assert g.prunable == g.size
+    pruned, _, _ = check_equivalent(model, b.feed(), ratio=0.5)
+    targets = [
+        onnx.numpy_helper.to_array(t).tolist()
+        for t in pruned.graph.initializer
+        if t.name.endswith("__shape")
+    ]
+    assert [0, 2, 2, 8, 8] in targets
+
+
+def test_run_time_shapes_are_folded():
+    b = Builder()
+    model = run_time_shapes(b)
+    graph = load_model(model).graph()
+    reshapes = [n for n in graph.nodes if n.op == "Reshape"]
+    assert not any(n.op == "Shape" for n in graph.nodes)
+    assert [n.inputs[1].values.tolist() for n in reshapes] == [
+        [0, 2, 4, 8, 8],
+        [0, 8, 8, 8],
+        [0, -1],
+    ]
+    g = _group_of(model, _producer(b, "Relu").output[0])
+    assert g.prunable == g.size == 4  # 8 channels shuffled in pairs
+
+
+def test_layer_norm_over_channels_is_pruned():
+    b = Builder()
+    model = convnext_block(b)
+    stream = _producer(b, "Add").output[0]
+    g = _group_of(model, stream)
+    assert g.prunable == g.size == 8
+
+
+def test_layer_norm_over_channels_and_space_freezes():
+    b = Builder(opset=17)
+    x = b.cbr(b.input, 3, 8)
+    x = b.op("LayerNormalization", x, b.const(np.ones((8, 8, 8))), axis=1)
+    model = b.model(b.head(b.cbr(x, 8, 8), 8))
+    g = _group_of(model, _producer(b, "Relu").output[0])
+    assert g.prunable == 0 and any("LayerNormalization" in r for r in g.reasons)
+    check_equivalent(model, b.feed(), ratio=0.5)
+
+
+def test_attention_head_dims_are_pruned_together():
+    b = Builder()
+    model = attention(b)
+    qkv = _producer(b, "MatMul", 1).output[0]
+    g = _group_of(model, qkv)
+    assert g.prunable == g.size == 8  # q, k and v of every head share the 8 head dims
+    pruned, _, _ = check_equivalent(model, b.feed(), ratio=0.5)
+    weights = {t.name: t.dims for t in pruned.graph.initializer}
+    qkv_node = next(n for n in pruned.graph.node if n.output[0] == qkv)
+    assert list(weights[qkv_node.input[1]])[1] == 24
+
+
+def test_conv_classifier_before_global_pooling_is_found():
+    b = Builder()
+    x = b.cbr(b.input, 3, 8)
+    logits = b.op("Relu", b.conv(x, 8, 5, k=1))
+    model = b.model(b.op("Flatten", b.op("GlobalAveragePool", logits)))
+    frl, node = find_frl(load_model(model).graph())
+    assert frl == x

@@ -2,12 +2,17 @@
 
     python tools/bench_accuracy.py > docs/accuracy.md
     python tools/bench_accuracy.py --models ResNet-32 --ratios 0.3 --methods nisp-infs
+    python tools/bench_accuracy.py --models ResNet-32 --ratios= --targets 0.7,0.5
 
 For each model of ../shared/data (calibration and evaluation inputs disjoint, see
 tools/shared_data.py) and each ratio, every criterion prunes the same number of channels of
 every group, so all of them land at the same MACs. A method `CRITERION@macs` instead uses
 `--target-macs` set to the MACs the first uniform method kept at that ratio (same MACs,
-ratios chosen per group from the global ranking); `CRITERION@global` uses `--global`. Columns: top-1 on the evaluation inputs,
+ratios chosen per group from the global ranking); `CRITERION@global` uses `--global`.
+With `--targets F,..`, every method also runs with `--target-macs F` (row "MACs x F"):
+ratios chosen by measured sensitivity, or by the global ranking for `CRITERION@global`.
+Criteria that need labels get the calibration labels; a method that cannot run on a model
+(bn-scale without BatchNorm) gets a row saying why. Columns: top-1 on the evaluation inputs,
 top-1 agreement with the unpruned model, and WARE (Yu et al. 2018, Eq. 20) of the final
 responses on the evaluation inputs, weighted by the Inf-FS scores of the unpruned model's
 final responses. A second table compares the WARE of NISP and layer-by-layer Inf-FS over
@@ -25,7 +30,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shared_data  # noqa: E402
 
-from nisp_onnx import ArrayReader, find_frl, infs_scores, load_model, prune  # noqa: E402
+from nisp_onnx import (  # noqa: E402
+    ArrayReader,
+    NispError,
+    find_frl,
+    infs_scores,
+    load_model,
+    prune,
+)
 from nisp_onnx.calibrate import session  # noqa: E402
 from nisp_onnx.verify import ware  # noqa: E402
 
@@ -53,11 +65,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", help="comma-separated model names (default: all)")
     ap.add_argument("--ratios", default="0.25,0.5,0.7")
+    ap.add_argument("--targets", default="", help="fractions of MACs to keep, e.g. 0.7,0.5")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repair", default="none,ls")
     ap.add_argument("--cifar-calib", type=int, default=1024)
     args = ap.parse_args()
-    ratios = [float(r) for r in args.ratios.split(",")]
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    targets = [float(t) for t in args.targets.split(",") if t]
     methods = args.methods.split(",")
     wanted = args.models.split(",") if args.models else None
     print(f"Command: `python tools/bench_accuracy.py {' '.join(sys.argv[1:])}`".strip())
@@ -79,19 +93,34 @@ def main():
                 f"| 100% | 0 |",
                 flush=True,
             )
-            for ratio in ratios:
+            labels = shared_data.calib_labels(name)
+            settings = [(r, None) for r in ratios] + [(None, t) for t in targets]
+            for ratio, target in settings:
                 kept_macs = None
+                where = ratio if target is None else f"MACs x {target}"
                 for method in methods:
                     criterion, _, alloc = method.partition("@")
                     for repair in args.repair.split(","):
                         start = time.perf_counter()
-                        reader = ArrayReader({inp: cal}, [inp], batch)
+                        reader = ArrayReader({inp: cal}, [inp], batch, labels=labels)
                         kw = {"global_ranking": True} if alloc == "global" else {}
                         if alloc == "macs":
-                            kw = {"target_macs": kept_macs}
-                        r = prune(
-                            path, out, reader, ratio, criterion=criterion, repair=repair, **kw
-                        )
+                            kw["target_macs"] = kept_macs
+                        if target is not None:
+                            kw["target_macs"] = target
+                        try:
+                            r = prune(
+                                path,
+                                out,
+                                reader,
+                                ratio or 0.5,
+                                criterion=criterion,
+                                repair=repair,
+                                **kw,
+                            )
+                        except NispError as e:
+                            print(f"| {name} | {where} | {method} | {repair} | {e} |||||")
+                            continue
                         if not alloc and kept_macs is None:
                             kept_macs = r.macs_after / r.macs_before
                         pred, resp = outputs(out, inp, frl, x, batch)
@@ -99,14 +128,14 @@ def main():
                         w = ware(base_resp[:, kept], resp, scores[kept])
                         wares[name, ratio, method, repair] = w
                         print(
-                            f"| {name} | {ratio} | {method} | {repair} | "
+                            f"| {name} | {where} | {method} | {repair} | "
                             f"{100 * r.macs_reduction:.1f}% | {100 * r.params_reduction:.1f}% | "
                             f"{100 * (pred == y).mean():.2f}% | {100 * (pred == base).mean():.1f}% "
                             f"| {w:.3f} |",
                             flush=True,
                         )
                         print(
-                            f"{name} {ratio} {method} {repair} {time.perf_counter() - start:.1f}s",
+                            f"{name} {where} {method} {repair} {time.perf_counter() - start:.1f}s",
                             file=sys.stderr,
                         )
     depth = [n for n in ("ResNet-20", "ResNet-32", "ResNet-44") if (n, 0.5, "lbl", "none") in wares]

@@ -18,6 +18,18 @@ CIFAR_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 CIFAR_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
+CALIB_LABELS = {}  # labels of the calibration inputs last loaded, by dataset
+
+
+def calib_labels(name):
+    """Labels of a model's calibration inputs (for criteria that use labels)."""
+    if name.startswith("ResNet"):
+        return CALIB_LABELS["cifar"]
+    if name.startswith("MobileNet"):
+        return CALIB_LABELS["imagenet" + ("128" if "0.25" in name else "160")]
+    return CALIB_LABELS["mnist"]
+
+
 def available() -> bool:
     return DATA.is_dir()
 
@@ -30,6 +42,7 @@ def cifar(n_calib=256, n_eval=1017):
     lossless = np.load(DATA / "cifar10" / "cifar10_test_first1017.npz")
     jpeg = np.load(DATA / "cifar10" / "cifar10_test_jpeg.npz")
     calib = _cifar(jpeg["x"][1017 : 1017 + n_calib])
+    CALIB_LABELS["cifar"] = jpeg["y"][1017 : 1017 + n_calib]
     return calib, _cifar(lossless["x"][:n_eval]), lossless["y"][:n_eval]
 
 
@@ -42,6 +55,7 @@ def imagenet(size, n_eval=100):
     )
     x = np.stack([pre(f) for f in files])
     y = np.array([synsets.index(f.name.split("_")[0]) + 1 for f in files])
+    CALIB_LABELS[f"imagenet{size}"] = y[:100]
     return x[:100], x[100 : 100 + n_eval], y[100 : 100 + n_eval]
 
 
@@ -52,6 +66,7 @@ def mnist(scale_lenet, n_calib=1000, n_eval=9000):
         y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
     x = x.astype(np.float32)
     x = (x / 255 - 0.1307) / 0.3081 if scale_lenet else x
+    CALIB_LABELS["mnist"] = y[:n_calib]
     return x[:n_calib], x[n_calib : n_calib + n_eval], y[n_calib : n_calib + n_eval]
 
 

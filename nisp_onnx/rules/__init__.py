@@ -7,6 +7,7 @@ from .elementwise import BroadcastRule, PerChannelRule, UnaryRule
 from .layout import (
     ConcatRule,
     FlattenRule,
+    GatherRule,
     PadRule,
     ReduceRule,
     ReshapeRule,
@@ -17,6 +18,7 @@ from .layout import (
     TransposeRule,
 )
 from .mixing import ConvRule, GemmRule, MatMulRule
+from .normalization import LayerNormRule
 
 _UNARY = """Relu LeakyRelu Clip Sigmoid Tanh HardSigmoid HardSwish Elu Selu Celu Softplus Softsign
 Gelu Erf Mish ThresholdedRelu Abs Neg Exp Log Sqrt Reciprocal Floor Ceil Round Sign Sin Cos
@@ -32,6 +34,7 @@ REGISTRY: dict[str, Rule] = {
     **{op: ReduceRule() for op in _REDUCE},
     "BatchNormalization": PerChannelRule(),
     "InstanceNormalization": PerChannelRule(),
+    "LayerNormalization": LayerNormRule(),
     "Conv": ConvRule(),
     "Gemm": GemmRule(),
     "MatMul": MatMulRule(),
@@ -41,6 +44,7 @@ REGISTRY: dict[str, Rule] = {
     "Pad": PadRule(),
     "Flatten": FlattenRule(),
     "Reshape": ReshapeRule(),
+    "Gather": GatherRule(),
     "Transpose": TransposeRule(),
     "Softmax": SoftmaxRule(),
     "LogSoftmax": SoftmaxRule(),

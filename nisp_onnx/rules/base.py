@@ -45,6 +45,11 @@ class Rule:
         """The node as `y = x W + b` for least-squares repair, if it is one (default: not)."""
         return None
 
+    def reference(self, node: gs.Node, cg: ChannelGraph, keep: Keep, graph: gs.Graph) -> None:
+        """Make `node` of the reference model (removed channels zeroed where mixing layers read
+        them) compute what its pruned version computes, where zeroing alone does not say it
+        (a LayerNormalization over channels normalises the kept ones). Default: nothing."""
+
 
 def _expand(gain: np.ndarray | float, lk: Link) -> np.ndarray | float:
     if np.ndim(gain) == 0:

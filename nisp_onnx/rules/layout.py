@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..channels import ChannelGraph, Space, dim, shape_of
-from .base import Keep, Rule, attr_or_input, pass_through, rank
+from .base import Keep, Rule, attr_or_input, pass_through, rank, select, set_input
 
 
 def _norm(axis: int, r: int) -> int:
@@ -32,7 +32,7 @@ class ConcatRule(Rule):
                 out = pass_through(node, cg, known[0])
                 for sp in known[1:]:
                     cg.link(sp, out)
-                if len(known) < len(node.inputs):
+                if any(sp is None and not self._cuttable(t, out) for t, sp in spaced):
                     cg.freeze(out, f"Concat node {node.name!r} joins channels with fixed ones")
                 return
             for sp in known:
@@ -54,6 +54,27 @@ class ConcatRule(Rule):
                     out, f"Concat node {node.name!r} takes channels of {t.name!r}", offset + idx
                 )
             offset += size
+
+    @staticmethod
+    def _cuttable(t: gs.Tensor, out: Space) -> bool:
+        """A constant joined along another axis, with the channels on the same axis."""
+        r = rank(t)
+        return (
+            isinstance(t, gs.Constant) and r is not None and dim(shape_of(t), out.axis) == out.size
+        )
+
+    def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
+        out, k = cg.space(node.outputs[0]), keep(node.outputs[0])
+        if (
+            out is None
+            or k is None
+            or k.all()
+            or out.axis == _norm(int(node.attrs["axis"]), rank(node.outputs[0]))
+        ):
+            return
+        for i, t in enumerate(node.inputs):
+            if cg.space(t) is None and self._cuttable(t, out):
+                set_input(node, i, select(t.values, out.axis, k))
 
 
 class SplitRule(Rule):
@@ -240,11 +261,13 @@ class FlattenRule(Rule):
 
 
 class ReshapeRule(Rule):
-    """Reshape with a constant shape that keeps the channel axis whole, or flattens it with
-    the axes after it (channel c -> `inner` consecutive entries of one output axis)."""
+    """Reshape with a constant shape. The channel axis may stay whole, be merged with the axes
+    around it (channel c owns the entries `(e // inner) % C == c` of one output axis: Flatten,
+    dynamo's view(-1)), or be split into factors whose last carries the channels (the channel
+    shuffle's [N, C] -> [N, g, C/g]: channels c, C/g + c, ... are one, kept or cut together)."""
 
-    def _plan(self, node: gs.Node, src: Space) -> tuple[int, int] | None:
-        """(output axis, entries per channel), or None when channels do not stay apart."""
+    def _plan(self, node: gs.Node, src: Space) -> tuple[int, np.ndarray] | None:
+        """(output axis, input channel of every entry of that axis), or None."""
         if not isinstance(node.inputs[1], gs.Constant):
             return None
         s, t = shape_of(node.inputs[0]), shape_of(node.outputs[0])
@@ -252,15 +275,29 @@ class ReshapeRule(Rule):
             return None
         s = [dim(s, a) for a in range(len(s))]
         t = [dim(t, a) for a in range(len(t))]
-        inner_in = s[src.axis + 1 :]
-        if None in inner_in or None in t[1:]:
+        c = src.axis
+        s[c] = src.size
+        if None in s[c + 1 :] or None in t[1:]:
             return None
-        lead = s[: src.axis]
         for j in range(len(t)):
-            if _prod_equal(lead, t[:j]) and t[j] is not None and t[j] % src.size == 0:
-                inner = t[j] // src.size
-                if int(np.prod(inner_in)) == inner * int(np.prod(t[j + 1 :])):
-                    return j, inner
+            if t[j] is None:
+                continue
+            for a in range(c, -1, -1):  # merge input axes a..b into output axis j
+                if a < c and s[a] is None:
+                    break
+                if not _prod_equal(s[:a], t[:j]):
+                    continue
+                for b in range(c, len(s)):
+                    inner = int(np.prod(s[c + 1 : b + 1]))
+                    if int(np.prod(s[a : b + 1])) == t[j] and _prod_equal(s[b + 1 :], t[j + 1 :]):
+                        return j, (np.arange(t[j]) // inner) % src.size
+            for k in range(j + 1, len(t)):  # split the channel axis into t[j..k]
+                factors = int(np.prod(t[j : k + 1]))
+                if factors == src.size and _prod_equal(s[c + 1 :], t[k + 1 :]) and t[k] > 1:
+                    if _prod_equal(s[:c], t[:j]):
+                        return k, -np.arange(t[k]) - 1  # negative: entry k <- channels % t[k]
+                if factors >= src.size:
+                    break
         return None
 
     def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:
@@ -271,18 +308,76 @@ class ReshapeRule(Rule):
         if plan is None:
             cg.freeze(src, f"Reshape node {node.name!r} mixes the channel axis with others")
             return
-        axis, inner = plan
-        out = cg.new_space(node.outputs[0], axis, src.size * inner)
-        _flatten_link(cg, src, out, inner)
+        axis, owner = plan
+        out = cg.new_space(node.outputs[0], axis, len(owner))
+        if owner[0] < 0:
+            cg.link(src, out, np.arange(src.size), np.arange(src.size) % out.size)
+        else:
+            cg.link(src, out, owner, np.arange(out.size))
 
     def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
         out, k = cg.space(node.outputs[0]), keep(node.outputs[0])
-        if out is None or k is None:
+        if out is None or k is None or k.all():
             return
         shape = np.array(node.inputs[1].values, dtype=np.int64).copy()
-        if shape[out.axis] > 0:
-            shape[out.axis] = int(k.sum())
-            node.inputs[1] = gs.Constant(f"{node.name}__shape", shape)
+        if shape[out.axis] <= 0:
+            return  # -1 or a copied dimension follows the pruned input
+        known = shape_of(node.outputs[0]) or ()
+        for j, v in enumerate(shape):  # only the batch may stay implicit
+            if v < 0 and dim(known, j) is not None:
+                shape[j] = dim(known, j)
+        shape[out.axis] = int(k.sum())
+        node.inputs[1] = gs.Constant(f"{node.name}__shape", shape)
+
+
+class GatherRule(Rule):
+    """Gather with constant indices. Along another axis the channels pass (their axis moves by
+    the rank of the indices minus one); along the channel axis the output's channels are the
+    gathered ones, on the longest axis of a multi-dimensional index tensor."""
+
+    def _plan(self, node: gs.Node, src: Space) -> tuple[int, int] | None:
+        """(gather axis, index axis carrying the channels or -1 when gathering elsewhere)."""
+        r, idx = rank(node.inputs[0]), node.inputs[1]
+        if r is None:
+            return None
+        axis = _norm(int(node.attrs.get("axis", 0)), r)
+        if axis != src.axis:
+            return (axis, -1) if rank(idx) is not None else None
+        if not isinstance(idx, gs.Constant) or idx.values.ndim == 0:
+            return None
+        shape = idx.values.shape
+        return axis, max(range(len(shape)), key=lambda m: (shape[m], m))
+
+    def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:
+        src = cg.space(node.inputs[0])
+        if src is None:
+            return
+        plan = self._plan(node, src)
+        if plan is None:
+            cg.freeze(src, f"Gather node {node.name!r} picks channels chosen at run time")
+            return
+        axis, m = plan
+        if m < 0:
+            shift = rank(node.inputs[1]) - 1
+            pass_through(node, cg, src, axis=src.axis if src.axis < axis else src.axis + shift)
+            return
+        ids = np.asarray(node.inputs[1].values, dtype=np.int64)
+        ids = np.moveaxis(np.where(ids < 0, ids + src.size, ids), m, -1)
+        out = cg.new_space(node.outputs[0], axis + m, ids.shape[-1])
+        pos = np.broadcast_to(np.arange(out.size), ids.shape)
+        cg.link(src, out, ids.reshape(-1), pos.reshape(-1))
+
+    def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
+        src, k_in, k_out = cg.space(node.inputs[0]), keep(node.inputs[0]), keep(node.outputs[0])
+        if src is None or k_in is None or k_out is None:
+            return
+        axis, m = self._plan(node, src)
+        if m < 0:
+            return
+        ids = np.asarray(node.inputs[1].values, dtype=np.int64)
+        ids = np.compress(k_out, np.where(ids < 0, ids + src.size, ids), axis=m)
+        new = (np.cumsum(k_in) - 1)[ids]
+        node.inputs[1] = gs.Constant(f"{node.name}__indices", new.astype(np.int64))
 
 
 def _prod_equal(a: list, b: list) -> bool:

@@ -110,9 +110,11 @@ class MatMulRule(Rule):
     def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:
         a, b = node.inputs[:2]
         src = cg.space(a)
-        if not isinstance(b, gs.Constant) or b.values.ndim != 2:
-            cg.freeze(src, f"MatMul node {node.name!r} multiplies two computed tensors")
-            cg.freeze(cg.space(b), f"MatMul node {node.name!r} multiplies two computed tensors")
+        if not isinstance(b, gs.Constant):
+            self._computed(node, cg)
+            return
+        if b.values.ndim != 2:
+            cg.freeze(src, f"MatMul node {node.name!r} has a batched constant weight")
             return
         r = rank(a)
         if src is not None and r is not None and src.axis != r - 1:
@@ -125,9 +127,42 @@ class MatMulRule(Rule):
         else:
             cg.freeze(src, f"MatMul node {node.name!r} reads its input in an unknown layout")
 
+    def _computed(self, node: gs.Node, cg: ChannelGraph) -> None:
+        """A @ B of two computed tensors (attention): channels on A's rows or B's columns pass
+        to the output; channels on the contracted axis of both are one and the same (cutting
+        one drops a term of every dot product, as zeroing it on both sides does)."""
+        a, b = node.inputs[:2]
+        sa, sb = cg.space(a), cg.space(b)
+        ra, rb, ro = rank(a), rank(b), rank(node.outputs[0])
+        why = f"MatMul node {node.name!r} multiplies two computed tensors"
+        if None in (ra, rb, ro) or min(ra, rb) < 2:
+            cg.freeze(sa, why)
+            cg.freeze(sb, why)
+            return
+        ka = sa is not None and sa.axis == ra - 1
+        kb = sb is not None and sb.axis == rb - 2
+        if ka and kb and sa.size == sb.size:
+            cg.link(sa, sb)
+            cg.consume(node, 0)
+            cg.consume(node, 1)
+        elif ka or kb:
+            cg.freeze(sa if ka else sb, why + " and only one side's contracted channels are cut")
+        if sa is not None and sa.axis == ra - 2:
+            pass_through(node, cg, sa, axis=ro - 2)
+        elif sa is not None and not ka:
+            cg.freeze(sa, why + " with channels on a batch axis")
+        if sb is not None and sb.axis == rb - 1:
+            if cg.space(node.outputs[0]) is not None:
+                cg.freeze(sb, why + " with channels on both rows and columns")
+            else:
+                pass_through(node, cg, sb, axis=ro - 1)
+        elif sb is not None and not kb:
+            cg.freeze(sb, why + " with channels on a batch axis")
+
     def _mixes(self, node: gs.Node, cg: ChannelGraph) -> bool:
         out = cg.space(node.outputs[0])
-        return out is not None and not cg.node_links.get(node.name)
+        const = isinstance(node.inputs[1], gs.Constant)
+        return const and out is not None and not cg.node_links.get(node.name)
 
     def backprop(self, node: gs.Node, cg: ChannelGraph, total: np.ndarray) -> None:
         if not self._mixes(node, cg):

@@ -1,0 +1,165 @@
+"""Fold shapes computed at run time (TorchScript's Shape -> Gather -> Concat chains) to constants.
+
+The TorchScript exporter computes the targets of `view`/`reshape`, the bounds of `chunk`
+and the like from `Shape` at run time. With the input's dimensions fixed except one (the
+batch), these tensors are constants or differ only where the batch enters: the model is run
+at two batch sizes, equal values become constants, and a Reshape target that differs in one
+entry gets 0 there (where that is the input's own batch dimension) or -1. The model computes
+the same for every batch; the channel analysis then sees constant shapes it can follow and
+rewrite.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+_SHAPE_SOURCES = {"Shape", "Size"}
+_BATCHES = (2, 3)
+_MAX_BYTES = 2**31 - 2**26  # what one protobuf can carry, with room for the extra outputs
+
+
+def fold_run_time_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` whose run-time shape tensors are constants where they can be, or
+    `proto` itself when there is nothing to fold or it cannot be run here."""
+    frontier = _frontier(proto.graph)
+    if not frontier or proto.ByteSize() > _MAX_BYTES:
+        return proto
+    consumers = _consumers(proto.graph)
+    probes = _probes(proto.graph, frontier, consumers)
+    try:
+        runs = [_run(_with_probes(proto, probes), frontier + list(probes), b) for b in _BATCHES]
+    except Exception:  # an input we cannot synthesise, an op onnxruntime lacks: leave it
+        return proto
+    if runs[0] is None or runs[1] is None:
+        return proto
+    probed = {
+        p: (x, y) for p, x, y in zip(probes, runs[0][len(frontier) :], runs[1][len(frontier) :])
+    }
+    folded = {}
+    for name, a, b in zip(frontier, runs[0], runs[1]):
+        if a.dtype.kind not in "iu" or a.shape != b.shape:
+            continue
+        if np.array_equal(a, b):
+            folded[name] = a
+        elif a.ndim == 1 and _only_reshape_targets(consumers.get(name, [])):
+            diff = np.flatnonzero(a != b)
+            if len(diff) == 1 and not (a == 0).any():
+                j = int(diff[0])
+                copies = all(
+                    j < len(probed[p][0]) and probed[p][0][j] == a[j] and probed[p][1][j] == b[j]
+                    for p in _probe_names(consumers[name])
+                )
+                v = a.copy()
+                v[j] = 0 if copies else -1  # 0: the dimension of the input (the batch)
+                folded[name] = v
+    if not folded:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for name, values in folded.items():
+        const = f"{name}__folded"
+        out.graph.initializer.append(numpy_helper.from_array(values, const))
+        for node in out.graph.node:
+            for i, t in enumerate(node.input):
+                if t == name:
+                    node.input[i] = const
+    return out
+
+
+def _frontier(graph: onnx.GraphProto) -> list[str]:
+    """Tensors computed from shapes alone (and constants) that data ops read."""
+    const = {t.name for t in graph.initializer}
+    derived: set[str] = set()
+    for node in graph.node:
+        ins = [t for t in node.input if t]
+        if node.op_type in _SHAPE_SOURCES:
+            derived.update(node.output)
+        elif node.op_type == "Constant" or (ins and all(t in const for t in ins)):
+            const.update(node.output)
+        elif ins and all(t in derived or t in const for t in ins):
+            derived.update(node.output)
+    frontier: list[str] = []
+    for node in graph.node:
+        if node.op_type in _SHAPE_SOURCES or all(o in derived for o in node.output):
+            continue
+        for t in node.input:
+            if t in derived and t not in frontier:
+                frontier.append(t)
+    return frontier
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    out: dict[str, list] = {}
+    for node in graph.node:
+        for i, t in enumerate(node.input):
+            out.setdefault(t, []).append((node, i))
+    return out
+
+
+def _only_reshape_targets(uses: list) -> bool:
+    return bool(uses) and all(
+        n.op_type == "Reshape"
+        and i == 1
+        and not any(a.name == "allowzero" and a.i for a in n.attribute)
+        for n, i in uses
+    )
+
+
+def _probe_names(uses: list) -> list[str]:
+    return [f"{n.input[0]}__shape_probe" for n, i in uses if n.op_type == "Reshape" and i == 1]
+
+
+def _probes(graph: onnx.GraphProto, frontier: list[str], consumers: dict) -> dict[str, str]:
+    """Shape probes of the data inputs of Reshapes whose target is computed: {probe: data}."""
+    probes = {}
+    for name in frontier:
+        for p, (n, _) in zip(_probe_names(consumers.get(name, [])), consumers.get(name, [])):
+            probes[p] = n.input[0]
+    return probes
+
+
+def _with_probes(proto: onnx.ModelProto, probes: dict[str, str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    m.graph.node.extend(onnx.helper.make_node("Shape", [d], [p]) for p, d in probes.items())
+    return m
+
+
+def _feeds(graph: onnx.GraphProto, batch: int) -> dict[str, np.ndarray] | None:
+    """Random inputs with every unknown dimension set to `batch`; None when the unknown
+    dimensions are not one and the same."""
+    init = {t.name for t in graph.initializer}
+    feeds, symbols = {}, set()
+    for inp in graph.input:
+        if inp.name in init:
+            continue
+        tt = inp.type.tensor_type
+        shape = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(d.dim_value)
+            else:
+                symbols.add(d.dim_param or f"?{inp.name}")
+                shape.append(batch)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[inp.name] = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    return feeds if len(symbols) == 1 else None
+
+
+def _run(proto: onnx.ModelProto, names: list[str], batch: int) -> list[np.ndarray] | None:
+    """The values of `names` at batch size `batch`, or None when the batch is ambiguous."""
+    import onnxruntime as ort
+
+    feeds = _feeds(proto.graph, batch)
+    if feeds is None:
+        return None
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [np.asarray(v) for v in sess.run(names, feeds)]
