@@ -43,8 +43,11 @@ class Context:
         return class_importance(per_element, self.element_class)
 
 
-def frl_channel_scores(ctx: Context, feature_scores: np.ndarray) -> np.ndarray:
-    """Scores of the FRL's features (flattened per sample) summed per channel of its space."""
+MAX_FEATURES = 4096  # Inf-FS solves a D x D system: wider responses are pooled per channel
+
+
+def _by_channel(ctx: Context, per_feature: np.ndarray) -> np.ndarray:
+    """[..., D] values over the FRL's features as [..., channels, positions]."""
     space, shape = ctx.frl_space, ctx.calib.response_shape
     axis = space.axis - 1
     if not 0 <= axis < len(shape) or shape[axis] != space.size:
@@ -52,8 +55,23 @@ def frl_channel_scores(ctx: Context, feature_scores: np.ndarray) -> np.ndarray:
             f"final response layer {ctx.frl!r} has shape {shape}, "
             f"not {space.size} channels on axis {space.axis}"
         )
-    per = np.moveaxis(np.asarray(feature_scores).reshape(shape), axis, 0)
-    return per.reshape(space.size, -1).sum(axis=1)
+    lead = per_feature.shape[:-1]
+    per = np.moveaxis(per_feature.reshape(*lead, *shape), len(lead) + axis, len(lead))
+    return per.reshape(*lead, space.size, -1)
+
+
+def frl_channel_scores(ctx: Context, feature_scores: np.ndarray) -> np.ndarray:
+    """Scores of the FRL's features (flattened per sample) summed per channel of its space."""
+    return _by_channel(ctx, np.asarray(feature_scores)).sum(axis=-1)
+
+
+def frl_inputs(ctx: Context) -> tuple[np.ndarray, bool]:
+    """The responses to rank (N x D), and whether they were pooled to one per channel:
+    responses wider than MAX_FEATURES (a spatial FRL) are averaged over positions."""
+    x = ctx.calib.responses
+    if x.shape[1] <= MAX_FEATURES:
+        return x, False
+    return _by_channel(ctx, x).mean(axis=-1), True
 
 
 class NispInfs:
@@ -62,7 +80,9 @@ class NispInfs:
     name = "nisp-infs"
 
     def frl_scores(self, ctx: Context) -> np.ndarray:
-        return frl_channel_scores(ctx, infs_scores(ctx.calib.responses))
+        x, pooled = frl_inputs(ctx)
+        scores = infs_scores(x)
+        return scores if pooled else frl_channel_scores(ctx, scores)
 
     def importance(self, ctx: Context) -> np.ndarray:
         return ctx.per_class(propagate(ctx.cg, ctx.frl_space, self.frl_scores(ctx)))
@@ -80,7 +100,9 @@ class NispInfsSupervised(NispInfs):
                 "nisp-infs-supervised needs labels: put the calibration images in one "
                 "subfolder per class, or use nisp-infs"
             )
-        return frl_channel_scores(ctx, supervised_infs_scores(ctx.calib.responses, ctx.labels))
+        x, pooled = frl_inputs(ctx)
+        scores = supervised_infs_scores(x, ctx.labels)
+        return scores if pooled else frl_channel_scores(ctx, scores)
 
 
 class NispMag(NispInfs):
@@ -178,10 +200,14 @@ class LayerByLayer:
         means: list[list[np.ndarray]] = [[] for _ in spaces]
         for batch in ctx.calib.batches:
             for i, (sp, y) in enumerate(zip(spaces, sess.run(names, batch))):
+                if y.ndim < 2 or sp.axis == 0:  # not a per-sample tensor (a constant's space)
+                    continue
                 y = np.moveaxis(y, sp.axis, -1)
                 means[i].append(y.reshape(len(y), -1, y.shape[-1]).mean(axis=1))
         direct = np.zeros(cg.n_elements)
         for sp, m in zip(spaces, means):
+            if not m:
+                continue
             s = infs_scores(np.concatenate(m))
             direct[sp.elements] += s / max(float(s.mean()), 1e-12)
         return ctx.per_class(direct)

@@ -22,7 +22,7 @@ def _fixed_inputs(proto: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx.Mode
                 d.Clear()
                 d.dim_value = int(v)
     del m.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(m)
+    return onnx.shape_inference.infer_shapes(m, data_prop=True)
 
 
 def count(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> tuple[int, int]:

@@ -6,10 +6,25 @@ from graphs import Builder
 from onnx import numpy_helper
 from test_rules import chain, residual_activations
 
-from nisp_onnx import CRITERIA, ArrayReader, Context, NispError, analyze, collect, load_model, prune
+from nisp_onnx import (
+    CRITERIA,
+    ArrayReader,
+    Context,
+    NispError,
+    analyze,
+    collect,
+    criteria,
+    load_model,
+    prune,
+)
 from nisp_onnx.analyze import find_frl
-from nisp_onnx.criteria import FilterL1, NispMag, get_criterion
-from nisp_onnx.infs import fisher_scores, mutual_information, supervised_infs_scores
+from nisp_onnx.criteria import FilterL1, NispInfs, NispMag, get_criterion
+from nisp_onnx.infs import (
+    fisher_scores,
+    infs_scores,
+    mutual_information,
+    supervised_infs_scores,
+)
 from nisp_onnx.verify import ware
 
 
@@ -147,3 +162,18 @@ def test_supervised_criterion_needs_labels():
     model = chain(b)
     with pytest.raises(NispError, match="needs labels"):
         prune(model, None, ArrayReader(b.feed(), ["x"]), 0.5, criterion="nisp-infs-supervised")
+
+
+def test_wide_spatial_frl_is_ranked_on_channel_means(monkeypatch):
+    b = Builder(shape=(16, 3, 8, 8))
+    x = b.cbr(b.input, 3, 8)
+    logits = b.op("Relu", b.conv(x, 8, 5, k=1))
+    model = b.model(b.op("Flatten", b.op("GlobalAveragePool", logits)))
+    ctx = context(model, b.feed())
+    assert ctx.calib.responses.shape[1] == 8 * 8 * 8
+    full = NispInfs().frl_scores(ctx)  # 512 features: ranked per position, summed
+    monkeypatch.setattr(criteria, "MAX_FEATURES", 100)
+    pooled = NispInfs().frl_scores(ctx)
+    means = ctx.calib.responses.reshape(16, 8, 64).mean(axis=2)
+    np.testing.assert_allclose(pooled, infs_scores(means))
+    assert pooled.shape == full.shape == (8,)
