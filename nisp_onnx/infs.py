@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy.linalg import solve
 from scipy.stats import rankdata
@@ -14,18 +16,11 @@ def infs_scores(x: np.ndarray, alpha: float = 0.5, factor: float = 0.9) -> np.nd
     to [0, 1]; r = factor / rho(A); scores are the row sums of (I - r A)^-1 - I.
     Constant (dead) features score 0.
     """
-    x = np.asarray(x, dtype=np.float64)
-    n, d = x.shape
-    std = x.std(axis=0)
-    live = std > 1e-12 * max(1.0, float(np.abs(x).max(initial=0.0)))
-    scores = np.zeros(d)
-    if live.sum() < 2 or n < 2:
-        scores[live] = 1.0
-        return scores
-    xl = x[:, live]
-    a = alpha * _spread(std[live]) + (1 - alpha) * (1 - np.abs(spearman(xl)))
-    scores[live] = _path_scores(a, factor)
-    return scores
+
+    def affinity(xl: np.ndarray, std: np.ndarray) -> np.ndarray:
+        return alpha * _spread(std) + (1 - alpha) * (1 - np.abs(spearman(xl)))
+
+    return _ranked(x, affinity, factor)
 
 
 def supervised_infs_scores(x: np.ndarray, y: np.ndarray, factor: float = 0.9) -> np.ndarray:
@@ -37,8 +32,21 @@ def supervised_infs_scores(x: np.ndarray, y: np.ndarray, factor: float = 0.9) ->
     A_ij = ((m_i + f_j) + (m_i + sigma_ij) + (sigma_ij + f_j)) / 6, then the same path
     scores as the unsupervised ranking. Constant features score 0.
     """
-    x = np.asarray(x, dtype=np.float64)
     y = np.unique(np.asarray(y), return_inverse=True)[1]
+
+    def affinity(xl: np.ndarray, std: np.ndarray) -> np.ndarray:
+        m = _unit(mutual_information(xl, y))[:, None]
+        f = _unit(fisher_scores(xl, y))[None, :]
+        sigma = _spread(std)
+        return ((m + f) + (m + sigma) + (sigma + f)) / 6
+
+    return _ranked(x, affinity, factor)
+
+
+def _ranked(x: np.ndarray, affinity: Callable, factor: float) -> np.ndarray:
+    """Path scores of the live (non-constant) columns of `x` under `affinity(x_live, std)`;
+    constant columns score 0."""
+    x = np.asarray(x, dtype=np.float64)
     n, d = x.shape
     std = x.std(axis=0)
     live = std > 1e-12 * max(1.0, float(np.abs(x).max(initial=0.0)))
@@ -46,12 +54,7 @@ def supervised_infs_scores(x: np.ndarray, y: np.ndarray, factor: float = 0.9) ->
     if live.sum() < 2 or n < 2:
         scores[live] = 1.0
         return scores
-    xl = x[:, live]
-    m = _unit(mutual_information(xl, y))
-    f = _unit(fisher_scores(xl, y))
-    sigma = _spread(std[live])
-    a = (m[:, None] + f[None, :] + m[:, None] + sigma + sigma + f[None, :]) / 6
-    scores[live] = _path_scores(a, factor)
+    scores[live] = _path_scores(affinity(x[:, live], std[live]), factor)
     return scores
 
 
