@@ -89,17 +89,17 @@ def allocate(
     )
     if plan.target_macs is None:
         k = min(int(round(plan.ratio * ranking.eligible)), len(ranking))
-        r = ranking.ratios(k)
-        return pick([float(r[i]) if f is None else f for i, f in enumerate(fixed)])
+        return pick(ranking.ratios(k, fixed))
     assert macs is not None, "a MACs target needs a MacModel"
-    ratios = target_ratios(
-        ranking,
-        fixed,
-        plan.target_macs,
-        lambda r: macs.macs(~pick(r)[element_class]),
-        macs.total,
-    )
-    return pick(ratios)
+    target = plan.target_macs * macs.total
+
+    def macs_at(k: int) -> float:
+        return macs.macs(~pick(ranking.ratios(k, fixed))[element_class])
+
+    if macs_at(len(ranking)) > target:
+        _unreachable(plan.target_macs, macs_at(len(ranking)) / macs.total)
+    k = _nearest(0, len(ranking), macs_at, target)
+    return pick(ranking.ratios(k, fixed))
 
 
 class MacModel:
@@ -205,10 +205,10 @@ class GlobalRanking:
     def __len__(self) -> int:
         return len(self.group_of)
 
-    def ratios(self, k: int) -> np.ndarray:
-        """Per-group ratios that remove the first `k` ranked classes."""
+    def ratios(self, k: int, fixed: list[float | None]) -> list[float]:
+        """Per-group ratios that remove the first `k` ranked classes; `fixed` ones stay."""
         counts = np.bincount(self.group_of[:k], minlength=len(self.groups))
-        return counts / self.prunable
+        return [float(c / p) if f is None else f for c, p, f in zip(counts, self.prunable, fixed)]
 
 
 def cheapest_ratios(
@@ -266,13 +266,19 @@ def cheapest_ratios(
             ratios[last] = k / p
             return macs.macs(~pick(ratios)[element_class])
 
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if at(mid) <= target else (mid + 1, hi)
-        if lo > 0 and at(lo - 1) - target < target - at(lo):
-            lo -= 1
-        ratios[last] = lo / p
+        ratios[last] = _nearest(lo, hi, at, target) / p
     return ratios
+
+
+def _nearest(lo: int, hi: int, macs_at: Callable[[int], float], target: float) -> int:
+    """The k in [lo, hi] whose MACs, falling as k grows and at most `target` at `hi`, are
+    nearest the target: bisection for the first k at or under it, or one before."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if macs_at(mid) <= target else (mid + 1, hi)
+    if lo > 0 and macs_at(lo - 1) - target < target - macs_at(lo):
+        lo -= 1
+    return lo
 
 
 def _unreachable(target: float, best: float) -> None:
@@ -281,31 +287,3 @@ def _unreachable(target: float, best: float) -> None:
         "(frozen groups, --exclude, --layer-ratio, --max-layer-ratio or --round-to limit the "
         "rest)"
     )
-
-
-def target_ratios(
-    ranking: GlobalRanking,
-    fixed: list[float | None],
-    target: float,
-    macs_of: Callable[[list[float]], float],
-    total: float,
-) -> list[float]:
-    """Per-group ratios whose pruned model keeps at most `target` of `total` MACs: the
-    shortest prefix of the global ranking that gets there, found by bisection."""
-
-    def ratios(k: int) -> list[float]:
-        r = ranking.ratios(k)
-        return [float(r[i]) if f is None else f for i, f in enumerate(fixed)]
-
-    lo, hi = 0, len(ranking)
-    if macs_of(ratios(hi)) > target * total:
-        _unreachable(target, macs_of(ratios(hi)) / total)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if macs_of(ratios(mid)) <= target * total:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo and macs_of(ratios(lo - 1)) - target * total < target * total - macs_of(ratios(lo)):
-        lo -= 1  # one class fewer lands nearer the target
-    return ratios(lo)

@@ -10,7 +10,7 @@ from test_rules import chain, inception, mobilenet, option_a, residual_activatio
 
 from nisp_onnx import ArrayReader, NispError, analyze, load_model, prune, rewrite
 from nisp_onnx.analyze import find_frl
-from nisp_onnx.budget import GlobalRanking, MacModel
+from nisp_onnx.budget import GlobalRanking, MacModel, Plan, allocate
 from nisp_onnx.calibrate import collect
 from nisp_onnx.model_io import export
 from nisp_onnx.propagate import class_importance
@@ -72,13 +72,13 @@ def test_global_ranking_removes_the_ratio_of_all_channels_and_respects_the_cap()
     ranking = GlobalRanking(groups, imp, free, max_ratio=0.6)
     prunable = sum(g.prunable for g in groups)
     k = int(round(0.5 * prunable))
-    ratios = ranking.ratios(k)
+    ratios = ranking.ratios(k, [None] * len(groups))
     assert sum(r * max(g.prunable, 1) for r, g in zip(ratios, groups)) == pytest.approx(k)
     assert max(ratios) <= 0.6 + 1e-9
     # scores are normalised per group: scaling one group's scores changes nothing
     scaled = imp.copy()
     scaled[groups[1].classes] *= 1e6
-    again = GlobalRanking(groups, scaled, free, max_ratio=0.6).ratios(k)
+    again = GlobalRanking(groups, scaled, free, max_ratio=0.6).ratios(k, [None] * len(groups))
     np.testing.assert_allclose(again, ratios)
 
 
@@ -89,6 +89,21 @@ def test_target_macs_lands_within_one_percent(global_ranking):
     r = prune(model, None, reader, repair="none", target_macs=0.5, global_ranking=global_ranking)
     assert r.macs_after / r.macs_before == pytest.approx(0.5, abs=0.01)
     assert "target MACs 0.5" in r.summary()
+
+
+def test_target_macs_cuts_where_measured_damage_is_least():
+    b, model = _wide_residual(64)
+    loaded, cg, cls, groups, imp = _plan(model, 0.5, 0)
+    macs = MacModel(cg, node_macs(loaded.proto, {"x": b.shape}))
+    cheap = next(i for i, g in enumerate(groups) if g.prunable and len(g.spaces) <= 3)
+    table = np.tile(np.arange(len(STEPS), dtype=float), (len(groups), 1))
+    table[cheap] = 0.0  # cutting this group costs nothing
+    plan = Plan(target_macs=0.9)
+    removed = allocate(groups, cls, imp, plan, macs, lambda measure: table)
+    keep = ~removed[cls]
+    assert macs.macs(keep) == pytest.approx(0.9 * macs.total, rel=0.01)
+    lost = [1 - keep[groups[i].spaces[0].elements].mean() for i in range(len(groups))]
+    assert lost[cheap] > 0 and all(lost[i] == 0 for i in range(len(groups)) if i != cheap)
 
 
 def test_unreachable_target_is_a_user_error():
