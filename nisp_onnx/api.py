@@ -11,14 +11,14 @@ import onnx
 
 from .analyze import analyze, find_frl
 from .budget import MacModel, Plan, allocate
-from .calibrate import collect, predict
+from .calibrate import collect, hold_back, predict
 from .channels import ChannelGroup
 from .criteria import Context, get_criterion
-from .errors import NispError
+from .errors import GateFailed, NispError
 from .model_io import LoadedModel, export, load_model, save_model
 from .repair import MODES
 from .repair import repair as fit_layers
-from .report import GroupReport, Report
+from .report import Gate, GroupReport, Report
 from .rewrite import rewrite
 from .sensitivity import damage
 from .verify import check, count, node_macs
@@ -41,6 +41,11 @@ def prune(
     max_layer_ratio: float = 1.0,
     target_macs: float | None = None,
     round_to: int = 1,
+    holdout: float = 0.0,
+    min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
+    min_macs_reduction: float | None = None,
+    keep_on_fail: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> Report:
@@ -62,6 +67,12 @@ def prune(
     fraction of its MACs, from each group's measured sensitivity (or in the global order with
     `global_ranking`); `round_to` keeps channel counts multiples of N.
     `global_ranking=None` takes the criterion's own default (bn-scale ranks globally).
+
+    Quality gates: `holdout` keeps that fraction of the calibration samples back from scoring
+    and repair, to measure agreement and accuracy on; `min_agreement` (top-1 agreement with
+    the original), `max_accuracy_drop` (needs labels) and `min_macs_reduction` are fractions.
+    A failed gate raises `GateFailed` (its `report` says by how much) and writes nothing,
+    unless `keep_on_fail`.
     """
     if repair not in MODES:
         raise NispError(f"--repair must be one of {', '.join(MODES)}, got {repair!r}")
@@ -79,7 +90,18 @@ def prune(
         getattr(crit, "min_keep", 1),
     )
     plan.check()
-    report = Report("", str(model_output), ratio, name, frl or "", 0, repair=repair)
+    gates = _gates(min_agreement, max_accuracy_drop, min_macs_reduction)
+    if not 0 <= holdout < 1:
+        raise NispError(f"--holdout must be in [0, 1), got {holdout}")
+    report = Report(
+        "",
+        "" if model_output is None else str(model_output),
+        ratio,
+        name,
+        frl or "",
+        0,
+        repair=repair,
+    )
     report.plan = plan.describe()
     with report.stage("load"):
         loaded = load_model(model_input)
@@ -97,10 +119,11 @@ def prune(
         report.frl = frl
     with report.stage("calibrate"):
         calib = collect(loaded.proto, calibration_data_reader, frl, num_samples, progress)
-        report.samples = calib.count
         labels = labels if labels is not None else getattr(calibration_data_reader, "labels", None)
         if labels is not None and len(labels) != calib.count:
             labels = None
+        calib, held, labels, held_labels = hold_back(calib, labels, holdout, _fixed_batch(loaded))
+        report.samples, report.held_out = calib.count, held.count if held else 0
     with report.stage("score"):
         element_class = cg.classes()
         ctx = Context(cg, element_class, frl, calib, loaded.proto, seed, labels)
@@ -139,20 +162,84 @@ def prune(
     with report.stage("verify"):
         pruned = onnx.shape_inference.infer_shapes(export(graph, loaded.proto))
         check(pruned)
-        preds = predict(pruned, calib.batches)
-        report.agreement = float((preds == calib.predictions).mean())
-        if labels is not None:
-            report.accuracy_before = float((calib.predictions == labels).mean())
-            report.accuracy_after = float((preds == labels).mean())
+        evaluation, eval_labels = (held, held_labels) if held else (calib, labels)
+        preds = predict(pruned, evaluation.batches)
+        report.agreement = float((preds == evaluation.predictions).mean())
+        if eval_labels is not None:
+            report.accuracy_before = float((evaluation.predictions == eval_labels).mean())
+            report.accuracy_after = float((preds == eval_labels).mean())
         report.macs_before, report.params_before = count(loaded.proto, shapes)
         report.macs_after, report.params_after = count(pruned, shapes)
         report.size_before = loaded.file_size
-    if model_output is not None:
+        report.gates = [gate(report) for gate in gates]
+    report.size_after = pruned.ByteSize()
+    if model_output is not None and (report.passed or keep_on_fail):
         with report.stage("write"):
             report.size_after = save_model(pruned, model_output, loaded.external_data)
-    else:
-        report.size_after = pruned.ByteSize()
+            report.written = True
+    if not report.passed:
+        failed = [g for g in report.gates if not g.passed]
+        raise GateFailed(
+            "quality gate failed: "
+            + "; ".join(f"{g.name} {g.threshold:g}, {_measured(g)}" for g in failed)
+            + (
+                "; the model was written anyway (--keep-on-fail)"
+                if report.written
+                else "; nothing written (--keep-on-fail writes it anyway)"
+            ),
+            report,
+        )
     return report
+
+
+def _fixed_batch(loaded: LoadedModel) -> int | None:
+    """The batch size the model's first input fixes, or None when it is dynamic."""
+    inits = {t.name for t in loaded.proto.graph.initializer}
+    for inp in loaded.proto.graph.input:
+        if inp.name not in inits:
+            dims = inp.type.tensor_type.shape.dim
+            return dims[0].dim_value or None if dims else None
+    return None
+
+
+def _gates(
+    min_agreement: float | None, max_accuracy_drop: float | None, min_macs: float | None
+) -> list:
+    """The requested gates as functions of the finished report."""
+    gates = []
+    for flag, value in (
+        ("--min-agreement", min_agreement),
+        ("--max-accuracy-drop", max_accuracy_drop),
+        ("--min-macs-reduction", min_macs),
+    ):
+        if value is not None and not 0 <= value <= 1:
+            raise NispError(f"{flag} is a fraction in [0, 1], got {value}")
+    if min_agreement is not None:
+        gates.append(
+            lambda r: Gate(
+                "--min-agreement", min_agreement, r.agreement, r.agreement >= min_agreement
+            )
+        )
+    if max_accuracy_drop is not None:
+
+        def accuracy(r: Report) -> Gate:
+            if r.accuracy_before is None:
+                return Gate("--max-accuracy-drop", max_accuracy_drop, None, False)
+            drop = r.accuracy_before - r.accuracy_after
+            return Gate("--max-accuracy-drop", max_accuracy_drop, drop, drop <= max_accuracy_drop)
+
+        gates.append(accuracy)
+    if min_macs is not None:
+        gates.append(
+            lambda r: Gate(
+                "--min-macs-reduction", min_macs, r.macs_reduction, r.macs_reduction >= min_macs
+            )
+        )
+    return gates
+
+
+def _measured(g: Gate) -> str:
+    return "not measurable without labels" if g.value is None else f"measured {g.value:.4f}"
 
 
 def _group_report(g: ChannelGroup, removed: np.ndarray) -> GroupReport:

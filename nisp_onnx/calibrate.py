@@ -117,3 +117,38 @@ def predict(proto: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> np.
     sess = session(proto)
     first = sess.get_outputs()[0].name
     return np.concatenate([top1(sess.run([first], b)[0]) for b in batches])
+
+
+def hold_back(
+    calib: Calibration,
+    labels: np.ndarray | None,
+    fraction: float,
+    fixed_batch: int | None = None,
+    seed: int = 0,
+) -> tuple[Calibration, Calibration | None, np.ndarray | None, np.ndarray | None]:
+    """Keep a random `fraction` of the samples back for evaluation (a multiple of the model's
+    fixed batch size): (calibration, held back or None, their labels)."""
+    if fraction <= 0:
+        return calib, None, labels, None
+    n, step = calib.count, fixed_batch or 1
+    count = round(n * fraction / step) * step
+    if not 0 < count < n:
+        raise NispError(
+            f"--holdout {fraction}: {n} calibration samples cannot be split into calibration "
+            f"and held-back inputs (batches of {step}); give more with --num-samples"
+        )
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(seed).choice(n, count, replace=False)] = True
+    inputs = {k: np.concatenate([b[k] for b in calib.batches]) for k in calib.batches[0]}
+    size = len(next(iter(calib.batches[0].values())))
+
+    def part(mask: np.ndarray) -> Calibration:
+        chosen = {k: v[mask] for k, v in inputs.items()}
+        m = int(mask.sum())
+        batches = [{k: v[i : i + size] for k, v in chosen.items()} for i in range(0, m, size)]
+        return Calibration(
+            batches, calib.responses[mask], calib.predictions[mask], calib.response_shape
+        )
+
+    split = (None, None) if labels is None else (labels[~held], labels[held])
+    return part(~held), part(held), split[0], split[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,13 +14,20 @@ import onnx
 from . import __version__
 from .api import prune
 from .criteria import CRITERIA
-from .errors import NispError
+from .errors import EXIT_GATE, EXIT_INTERNAL, EXIT_OK, EXIT_USER, GateFailed, NispError
 from .explain import explain
-from .model_io import LoadedModel, load_model
+from .model_io import LoadedModel, external_files_of, load_model, output_files
 from .readers import ArrayReader, ImageFolderReader, model_preprocess
 from .repair import MODES
 
 log = logging.getLogger("nisp_onnx")
+
+DEFAULT_SAMPLES = 256
+GATE_HOLDOUT = 0.2
+BUG_REPORT = (
+    "this is a bug in nisp-onnx: please report it with the command line and the output of "
+    "the same command with -v (see README, Reporting bugs)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         help="fraction of channels removed from every channel group, in [0, 1)",
     )
     d = p.add_argument_group("calibration data")
-    d.add_argument("--num-samples", type=int, default=256, help="calibration inputs to use")
+    d.add_argument(
+        "--num-samples",
+        type=int,
+        help=f"calibration inputs to use (default: up to {DEFAULT_SAMPLES}; "
+        "an error if fewer are there)",
+    )
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--seed", type=int, default=0, help="seed for sampling calibration images")
     i = p.add_argument_group("image preprocessing (defaults read from the model input)")
@@ -126,10 +139,43 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--no-repair", dest="repair", action="store_const", const="none", help="= --repair none"
     )
+    g = p.add_argument_group("quality gates (fractions; a failed gate exits 3 and writes no model)")
+    g.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="A",
+        help="top-1 agreement of pruned and original on held-back calibration inputs",
+    )
+    g.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="D",
+        help="largest top-1 accuracy loss on held-back inputs (needs class subfolders)",
+    )
+    g.add_argument("--min-macs-reduction", type=float, metavar="M", help="smallest MACs cut")
+    g.add_argument(
+        "--holdout",
+        type=float,
+        metavar="F",
+        help="fraction of calibration inputs kept back for measuring agreement and accuracy "
+        f"(default {GATE_HOLDOUT} with --min-agreement or --max-accuracy-drop, else 0)",
+    )
+    g.add_argument(
+        "--keep-on-fail", action="store_true", help="write the model even when a gate fails"
+    )
     o = p.add_argument_group("output")
+    o.add_argument("--force", action="store_true", help="overwrite an existing output model")
     o.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+    o.add_argument(
+        "--summary-md", metavar="FILE.md", help="write a Markdown summary (CI logs, PR comments)"
+    )
     o.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    o.add_argument("-v", "--verbose", action="store_true", help="print every channel group")
+    o.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print every channel group, and the traceback of internal errors",
+    )
     p.add_argument("--version", action="version", version=f"nisp-onnx {__version__}")
     return p
 
@@ -152,8 +198,11 @@ def _reader(args: argparse.Namespace, model: LoadedModel) -> ImageFolderReader |
     names, shape, fixed_batch = _input_info(model.proto)
     batch = fixed_batch or args.batch_size
     calib = Path(args.calib)
+    num = args.num_samples or DEFAULT_SAMPLES
     if calib.suffix in (".npz", ".npy"):
-        return ArrayReader(calib, names, batch, args.num_samples)
+        reader = ArrayReader(calib, names, batch, num)
+        _enough(args, reader.n)
+        return reader
     if not calib.is_dir():
         raise NispError(f"{calib}: --calib must be a folder of images or an .npz/.npy file")
     pre = model_preprocess(
@@ -166,10 +215,10 @@ def _reader(args: argparse.Namespace, model: LoadedModel) -> ImageFolderReader |
         color=args.color,
     )
     log.info("preprocessing: %s", pre.describe())
-    num = args.num_samples
     if fixed_batch:
         num = max(fixed_batch, num - num % fixed_batch)
     reader = ImageFolderReader(calib, names[0], pre, batch, num, args.seed)
+    _enough(args, len(reader.files))
     if fixed_batch and len(reader.files) % fixed_batch:
         keep = len(reader.files) - len(reader.files) % fixed_batch
         if keep == 0:
@@ -179,6 +228,15 @@ def _reader(args: argparse.Namespace, model: LoadedModel) -> ImageFolderReader |
             )
         reader.files = reader.files[:keep]
     return reader
+
+
+def _enough(args: argparse.Namespace, available: int) -> None:
+    """An explicit --num-samples must be there to take."""
+    if args.num_samples is not None and available < args.num_samples:
+        raise NispError(
+            f"{args.calib}: --num-samples {args.num_samples} asked for, but only {available} "
+            "calibration inputs are there; add inputs or lower --num-samples"
+        )
 
 
 def _dry_run_shapes(proto: onnx.ModelProto, size: list[int] | None) -> dict[str, tuple]:
@@ -210,6 +268,25 @@ def _pattern_ratio(text: str) -> tuple[str, float]:
     raise NispError(f"--layer-ratio {text!r}: expected PATTERN=R, for example 'layer4.*=0.7'")
 
 
+def _check_files(args: argparse.Namespace) -> None:
+    """Refuse, before any work, to overwrite the input or an existing output."""
+    model = Path(args.input)
+    inputs = {model.resolve()}
+    if model.is_file():
+        inputs.update((model.parent / f).resolve() for f in external_files_of(model))
+    for path in output_files(args.output):
+        if path.resolve() in inputs:
+            raise NispError(f"{path}: refusing to overwrite the input model or its data")
+    folder = Path(args.output).parent
+    if not folder.is_dir():
+        raise NispError(f"{args.output}: the output folder {folder} does not exist")
+    if Path(args.output).exists() and not args.force:
+        raise NispError(f"{args.output}: already exists; pass --force to overwrite it")
+    for flag, path in (("--report", args.report), ("--summary-md", args.summary_md)):
+        if path and Path(path).resolve() in inputs:
+            raise NispError(f"{flag} {path}: refusing to overwrite the input model")
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, prune, print; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -223,46 +300,69 @@ def run(argv: Sequence[str] | None = None) -> int:
         model = load_model(args.input)
         shapes = _dry_run_shapes(model.proto, args.size)
         print(explain(model, shapes, args.ratio, args.exclude, layer_ratio, args.round_to))
-        return 0
+        return EXIT_OK
     if args.output is None or args.calib is None:
         raise NispError("give the output model and --calib (or --dry-run to only look)")
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise NispError(f"{args.output}: refusing to overwrite the input model")
+    _check_files(args)
     model = load_model(args.input)
     reader = _reader(args, model)
-    report = prune(
-        model,
-        args.output,
-        reader,
-        args.ratio,
-        frl=args.frl,
-        exclude=args.exclude,
-        num_samples=args.num_samples,
-        criterion=args.criterion,
-        repair=args.repair,
-        layer_ratio=layer_ratio,
-        global_ranking=args.global_ranking,
-        max_layer_ratio=args.max_layer_ratio,
-        target_macs=args.target_macs,
-        round_to=args.round_to,
-        seed=args.seed,
-        progress=not args.quiet and sys.stderr.isatty(),
-    )
+    holdout = args.holdout
+    if holdout is None:
+        gated = args.min_agreement is not None or args.max_accuracy_drop is not None
+        holdout = GATE_HOLDOUT if gated else 0.0
+    try:
+        report = prune(
+            model,
+            args.output,
+            reader,
+            args.ratio,
+            frl=args.frl,
+            exclude=args.exclude,
+            num_samples=args.num_samples or DEFAULT_SAMPLES,
+            criterion=args.criterion,
+            repair=args.repair,
+            layer_ratio=layer_ratio,
+            global_ranking=args.global_ranking,
+            max_layer_ratio=args.max_layer_ratio,
+            target_macs=args.target_macs,
+            round_to=args.round_to,
+            holdout=holdout,
+            min_agreement=args.min_agreement,
+            max_accuracy_drop=args.max_accuracy_drop,
+            min_macs_reduction=args.min_macs_reduction,
+            keep_on_fail=args.keep_on_fail,
+            seed=args.seed,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+        failure = None
+    except GateFailed as e:
+        report, failure = e.report, e
     report.preprocess = reader.preprocess.describe() if hasattr(reader, "preprocess") else None
     if args.report:
         report.to_json(args.report)
+    if args.summary_md:
+        Path(args.summary_md).write_text(report.markdown())
     if not args.quiet:
         print(report.summary(verbose=args.verbose))
-    return 0
+    if failure is not None:
+        print(f"nisp-onnx: {failure}", file=sys.stderr)
+        return EXIT_GATE
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: user errors print one line and exit 2."""
+    """Console entry point; the exit codes are documented in the README."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         code = run(argv)
     except NispError as e:
         print(f"nisp-onnx: error: {e}", file=sys.stderr)
-        code = 2
+        code = EXIT_USER
     except KeyboardInterrupt:
         code = 130
+    except Exception as e:  # a bug: one line, the traceback behind -v
+        if "-v" in argv or "--verbose" in argv:
+            traceback.print_exc()
+        print(f"nisp-onnx: internal error: {type(e).__name__}: {e}; {BUG_REPORT}", file=sys.stderr)
+        code = EXIT_INTERNAL
     sys.exit(code)

@@ -41,16 +41,12 @@ def check_path(model: str | os.PathLike) -> Path:
     return path
 
 
-def _uses_external_data(proto: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-
-
 def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
     """Read an ONNX model (path or proto), fold constant subgraphs and infer shapes."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, onnx.ModelProto):
-        proto, path, size, external = model, None, model.ByteSize(), False
+        proto, path, size, external, files = model, None, model.ByteSize(), False, set()
     else:
         path = check_path(model)
         try:
@@ -59,16 +55,20 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Load
             raise NispError(f"{path}: not a valid ONNX file ({type(e).__name__})") from None
         if not header.graph.node:
             raise NispError(f"{path}: not an ONNX model (the file holds no graph nodes)")
-        external = _uses_external_data(header)
+        files = _external_files(header)
+        external = bool(files)
+        for name in sorted(files):
+            if not (path.parent / name).is_file():
+                raise NispError(
+                    f"{path}: its external data file {name} is missing; keep it beside the model"
+                )
         try:
             proto = onnx.load(str(path))
-        except (FileNotFoundError, OSError) as e:
+        except (OSError, onnx.checker.ValidationError) as e:
             raise NispError(
                 f"{path}: cannot read its external data ({e}); keep the .data file beside it"
             ) from None
-        size = path.stat().st_size + sum(
-            (path.parent / p).stat().st_size for p in _external_files(header)
-        )
+        size = path.stat().st_size + sum((path.parent / p).stat().st_size for p in files)
     _check_domains(proto, path)
     return LoadedModel(path, _prepare(proto), external, size)
 
@@ -81,13 +81,27 @@ def _external_files(proto: onnx.ModelProto) -> set[str]:
     return files
 
 
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+
+
 def _check_domains(proto: onnx.ModelProto, path: Path | None) -> None:
+    """Refuse ops from unknown domains and quantized models, naming the node."""
     known = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
     for node in proto.graph.node:
+        name = node.name or node.op_type
         if node.domain not in known:
             raise NispError(
-                f"{path or 'model'}: node {node.name or node.op_type!r} uses op domain "
-                f"{node.domain!r}, which onnxruntime cannot run here; export with standard ops"
+                f"{path or 'model'}: node {name!r} uses op domain {node.domain!r}, which "
+                "onnxruntime cannot run here; export with standard ops"
+            )
+        if (
+            node.op_type in QUANTIZED_OPS
+            or node.op_type.startswith("QLinear")
+            or (node.op_type.endswith("Integer"))
+        ):
+            raise NispError(
+                f"{path or 'model'}: node {name!r} ({node.op_type}) makes this a quantized "
+                "model; prune the float model, then quantize the pruned one"
             )
 
 
@@ -131,27 +145,46 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_data: bool) -> int:
-    """Write atomically (temporary file then rename); returns the bytes written in all."""
+    """Write atomically: into a temporary folder beside `path`, then renamed into place (the
+    external data file `<name>.data` first, the model last). Returns the bytes written."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise NispError(f"{path}: the output folder {folder} does not exist")
     external_data = external_data or proto.ByteSize() >= TWO_GB
     data_name = path.name + ".data"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
     try:
-        if external_data:
-            onnx.save_model(
-                proto, tmp, save_as_external_data=True, location=data_name, size_threshold=1024
-            )
-        else:
-            onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=folder) as tmp:
+            staged = Path(tmp) / path.name
+            if external_data:
+                onnx.save_model(
+                    proto,
+                    staged,
+                    save_as_external_data=True,
+                    location=data_name,
+                    size_threshold=1024,
+                )
+                os.replace(Path(tmp) / data_name, folder / data_name)
+            else:
+                onnx.save_model(proto, staged)
+            os.replace(staged, path)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise NispError(f"{path}: cannot write the output model ({e.strerror or e})") from None
     size = path.stat().st_size
     if external_data:
         size += (folder / data_name).stat().st_size
     return size
+
+
+def output_files(path: str | os.PathLike) -> list[Path]:
+    """The files writing a model to `path` may create: the model and its external data."""
+    path = Path(path)
+    return [path, path.with_name(path.name + ".data")]
+
+
+def external_files_of(path: str | os.PathLike) -> set[str]:
+    """The external data files an ONNX file names (none if it cannot be read)."""
+    try:
+        return _external_files(onnx.load(str(path), load_external_data=False))
+    except Exception:  # unreadable files are reported when they are loaded
+        return set()

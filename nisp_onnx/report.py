@@ -11,7 +11,38 @@ from pathlib import Path
 
 from .repair import LayerRepair
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # the schema is nisp_onnx/report.schema.json
+
+
+def _reset_peak_memory() -> None:
+    """Start a new resident-memory high-water mark (Linux; elsewhere the process peak)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb() -> float:
+    """Peak resident memory since the last reset, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # not on Windows; there the peak is unknown
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Gate:
+    """A quality gate: the measured value against the threshold asked for."""
+
+    name: str  # the flag, e.g. "--min-agreement"
+    threshold: float
+    value: float | None  # None when it could not be measured (e.g. no labels)
+    passed: bool
 
 
 @dataclass
@@ -45,23 +76,34 @@ class Report:
     size_before: int = 0
     size_after: int = 0
     agreement: float | None = None
+    held_out: int = 0  # calibration samples kept back from scoring and repair, for evaluation
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     repair: str = "ls"
     frl_kept: list[int] = field(default_factory=list)  # kept channels of the FRL
     groups: list[GroupReport] = field(default_factory=list)
     layers: list[LayerRepair] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    gates: list[Gate] = field(default_factory=list)
+    written: bool = False  # whether the output model was written
+    benchmark: dict | None = None  # with --benchmark: latency of both models
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    memory: dict[str, float] = field(default_factory=dict)  # peak resident MiB per stage
     version: int = REPORT_VERSION
 
     @contextmanager
     def stage(self, name: str):  # noqa: ANN201
-        """Time a pipeline stage into `timings`."""
+        """Time a pipeline stage into `timings` and its peak resident memory into `memory`."""
+        _reset_peak_memory()
         start = time.perf_counter()
         try:
             yield
         finally:
             self.timings[name] = round(time.perf_counter() - start, 4)
+            self.memory[name] = round(_peak_memory_mb(), 1)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
 
     @property
     def macs_reduction(self) -> float:
@@ -93,11 +135,12 @@ class Report:
             f"(-{pct(self.params_reduction)})",
             f"  file    {self.size_before:>14,} -> {self.size_after:>14,} bytes",
         ]
+        on = f"{self.held_out} held-back inputs" if self.held_out else "the calibration inputs"
         if self.agreement is not None:
-            lines.append(f"  top-1 agreement with the original: {pct(self.agreement)}")
+            lines.append(f"  top-1 agreement with the original on {on}: {pct(self.agreement)}")
         if self.accuracy_before is not None:
             lines.append(
-                f"  top-1 accuracy (calibration labels): {pct(self.accuracy_before)} -> "
+                f"  top-1 accuracy (labels) on {on}: {pct(self.accuracy_before)} -> "
                 f"{pct(self.accuracy_after)}"
             )
         if self.layers:
@@ -127,5 +170,64 @@ class Report:
                 f"    group {g.id}: {g.frozen} of {g.channels} channels frozen: "
                 + "; ".join(g.reasons)
             )
+        for g in self.gates:
+            lines.append(f"  gate {g.name} {g.threshold:g}: {_gate_line(g)}")
         lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        if self.memory:
+            lines.append(f"  peak memory: {max(self.memory.values()):,.0f} MiB")
         return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """A Markdown summary for CI logs and pull-request comments."""
+        pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+        status = "passed" if self.passed else "**failed**"
+        rows = [
+            ("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", pct(-self.macs_reduction)),
+            (
+                "parameters",
+                f"{self.params_before:,}",
+                f"{self.params_after:,}",
+                pct(-self.params_reduction),
+            ),
+            ("file bytes", f"{self.size_before:,}", f"{self.size_after:,}", ""),
+        ]
+        if self.accuracy_before is not None:
+            rows.append(("top-1 accuracy", pct(self.accuracy_before), pct(self.accuracy_after), ""))
+        lines = [
+            f"### nisp-onnx: `{self.model_input}` -> `{self.model_output}`",
+            "",
+            f"{self.criterion}, {self.plan or f'ratio {self.ratio}'}, repair {self.repair}, "
+            f"{self.samples} calibration samples. Quality gates {status}; "
+            f"model {'written' if self.written else '**not written**'}.",
+            "",
+            "| | before | after | change |",
+            "|---|---:|---:|---:|",
+            *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
+        ]
+        if self.agreement is not None:
+            on = f"{self.held_out} held-back" if self.held_out else "calibration"
+            lines += [
+                "",
+                f"Top-1 agreement with the original on {on} inputs: {pct(self.agreement)}.",
+            ]
+        if self.gates:
+            lines += ["", "| gate | threshold | measured | result |", "|---|---:|---:|---|"]
+            lines += [
+                f"| `{g.name}` | {g.threshold:g} | "
+                f"{'n/a' if g.value is None else f'{g.value:.4f}'} | "
+                f"{'pass' if g.passed else '**FAIL**'} |"
+                for g in self.gates
+            ]
+        frozen = [g for g in self.groups if g.frozen]
+        if frozen:
+            lines += ["", f"{len(frozen)} channel groups with frozen channels:", ""]
+            lines += [
+                f"- group {g.id}: {g.frozen}/{g.channels}: {'; '.join(g.reasons)}" for g in frozen
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def _gate_line(g: Gate) -> str:
+    if g.value is None:
+        return "FAILED: not measurable (no labels)"
+    return f"{'passed' if g.passed else 'FAILED'}, measured {g.value:.4f}"
