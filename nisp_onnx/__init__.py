@@ -9,7 +9,7 @@ from .analyze import analyze, find_frl
 from .api import prune
 from .calibrate import collect
 from .criteria import CRITERIA, Context
-from .errors import NispError
+from .errors import EXIT_GATE, EXIT_INTERNAL, EXIT_OK, EXIT_USER, GateFailed, NispError
 from .infs import infs_scores
 from .model_io import load_model, save_model
 from .propagate import propagate
@@ -22,6 +22,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CRITERIA",
     "Context",
+    "EXIT_GATE",
+    "EXIT_INTERNAL",
+    "EXIT_OK",
+    "EXIT_USER",
+    "GateFailed",
     "ArrayReader",
     "ImageFolderReader",
     "NispError",

@@ -103,11 +103,11 @@ def prune(
         repair=repair,
     )
     report.plan = plan.describe()
-    with report.stage("load"):
-        loaded = load_model(model_input)
-        graph = loaded.graph()
-        report.model_input = str(loaded.path or "<model>")
+    loaded = load_model(model_input)
+    report.record("load", loaded.cost)
+    report.model_input = str(loaded.path or "<model>")
     with report.stage("analyze"):
+        graph = loaded.graph()
         opset = next(
             (o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 13
         )

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from .errors import NispError
+from .resources import Cost, measure
 from .shapes import fold_run_time_shapes
 
 TWO_GB = 2**31
@@ -25,6 +26,7 @@ class LoadedModel:
     proto: onnx.ModelProto
     external_data: bool
     file_size: int
+    cost: Cost | None = None  # of reading and preparing it
 
     def graph(self) -> gs.Graph:
         """A fresh graphsurgeon graph of the model (constants folded, shapes inferred)."""
@@ -45,6 +47,13 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Load
     """Read an ONNX model (path or proto), fold constant subgraphs and infer shapes."""
     if isinstance(model, LoadedModel):
         return model
+    with measure() as cost:
+        loaded = _load(model)
+    loaded.cost = cost
+    return loaded
+
+
+def _load(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
         proto, path, size, external, files = model, None, model.ByteSize(), False, set()
     else:

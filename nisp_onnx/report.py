@@ -4,35 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .repair import LayerRepair
+from .resources import Cost, measure
 
 REPORT_VERSION = 2  # the schema is nisp_onnx/report.schema.json
-
-
-def _reset_peak_memory() -> None:
-    """Start a new resident-memory high-water mark (Linux; elsewhere the process peak)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_memory_mb() -> float:
-    """Peak resident memory since the last reset, in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource  # not on Windows; there the peak is unknown
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -93,13 +72,12 @@ class Report:
     @contextmanager
     def stage(self, name: str):  # noqa: ANN201
         """Time a pipeline stage into `timings` and its peak resident memory into `memory`."""
-        _reset_peak_memory()
-        start = time.perf_counter()
-        try:
+        with measure() as cost:
             yield
-        finally:
-            self.timings[name] = round(time.perf_counter() - start, 4)
-            self.memory[name] = round(_peak_memory_mb(), 1)
+        self.record(name, cost)
+
+    def record(self, stage: str, cost: Cost) -> None:
+        self.timings[stage], self.memory[stage] = cost.seconds, cost.peak_mib
 
     @property
     def passed(self) -> bool:
