@@ -15,6 +15,7 @@ from .calibrate import collect, hold_back, predict
 from .channels import ChannelGroup
 from .criteria import Context, get_criterion
 from .errors import GateFailed, NispError
+from .latency import compare
 from .model_io import LoadedModel, export, load_model, save_model
 from .repair import MODES
 from .repair import repair as fit_layers
@@ -46,6 +47,7 @@ def prune(
     max_accuracy_drop: float | None = None,
     min_macs_reduction: float | None = None,
     keep_on_fail: bool = False,
+    benchmark_threads: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Report:
@@ -73,6 +75,9 @@ def prune(
     the original), `max_accuracy_drop` (needs labels) and `min_macs_reduction` are fractions.
     A failed gate raises `GateFailed` (its `report` says by how much) and writes nothing,
     unless `keep_on_fail`.
+
+    `benchmark_threads` measures the CPU latency of the original and the pruned model side
+    by side, at batch 1 and 32 with that many onnxruntime threads (`report.benchmark`).
     """
     if repair not in MODES:
         raise NispError(f"--repair must be one of {', '.join(MODES)}, got {repair!r}")
@@ -172,6 +177,13 @@ def prune(
         report.macs_after, report.params_after = count(pruned, shapes)
         report.size_before = loaded.file_size
         report.gates = [gate(report) for gate in gates]
+    if benchmark_threads is not None:
+        with report.stage("benchmark"):
+            timed = compare(loaded.path or loaded.proto, pruned, shapes, benchmark_threads)
+            report.benchmark = {
+                "threads": benchmark_threads,
+                "batches": [t.to_dict() for t in timed],
+            }
     report.size_after = pruned.ByteSize()
     if model_output is not None and (report.passed or keep_on_fail):
         with report.stage("write"):

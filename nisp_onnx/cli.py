@@ -167,6 +167,15 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--force", action="store_true", help="overwrite an existing output model")
     o.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     o.add_argument(
+        "--benchmark",
+        nargs="?",
+        type=int,
+        const=1,
+        metavar="THREADS",
+        help="measure the CPU latency of both models side by side at batch 1 and 32 with "
+        "THREADS onnxruntime threads (default 1)",
+    )
+    o.add_argument(
         "--summary-md", metavar="FILE.md", help="write a Markdown summary (CI logs, PR comments)"
     )
     o.add_argument("-q", "--quiet", action="store_true", help="print errors only")
@@ -331,6 +340,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             max_accuracy_drop=args.max_accuracy_drop,
             min_macs_reduction=args.min_macs_reduction,
             keep_on_fail=args.keep_on_fail,
+            benchmark_threads=args.benchmark,
             seed=args.seed,
             progress=not args.quiet and sys.stderr.isatty(),
         )

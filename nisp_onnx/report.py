@@ -148,6 +148,11 @@ class Report:
                 f"    group {g.id}: {g.frozen} of {g.channels} channels frozen: "
                 + "; ".join(g.reasons)
             )
+        for b in (self.benchmark or {}).get("batches", []):
+            lines.append(
+                f"  latency at batch {b['batch_size']}, {b['threads']} thread(s): "
+                f"{b['original_ms']:.2f} ms -> {b['pruned_ms']:.2f} ms (-{pct(b['reduction'])})"
+            )
         for g in self.gates:
             lines.append(f"  gate {g.name} {g.threshold:g}: {_gate_line(g)}")
         lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
@@ -171,6 +176,15 @@ class Report:
         ]
         if self.accuracy_before is not None:
             rows.append(("top-1 accuracy", pct(self.accuracy_before), pct(self.accuracy_after), ""))
+        rows += [
+            (
+                f"latency, batch {b['batch_size']}, {b['threads']} thread(s)",
+                f"{b['original_ms']:.2f} ms",
+                f"{b['pruned_ms']:.2f} ms",
+                pct(-b["reduction"]),
+            )
+            for b in (self.benchmark or {}).get("batches", [])
+        ]
         lines = [
             f"### nisp-onnx: `{self.model_input}` -> `{self.model_output}`",
             "",

@@ -58,6 +58,19 @@ def test_gates_pass_and_report_follows_the_schema(tmp_path, capsys):
     assert "Quality gates passed; model written." in text and "| `--min-agreement` |" in text
 
 
+def test_benchmark_times_both_models(tmp_path, capsys):
+    report, md = tmp_path / "r.json", tmp_path / "s.md"
+    args = [*FAST, "--benchmark", "--report", report, "--summary-md", md]
+    code, stdout, _ = main(capsys, SAMPLE, tmp_path / "o.onnx", "--calib", CALIB, *args)
+    assert code == 0
+    data = json.loads(report.read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert data["benchmark"]["threads"] == 1
+    assert [b["batch_size"] for b in data["benchmark"]["batches"]] == [1, 32]
+    assert all(b["original_ms"] > 0 and b["pruned_ms"] > 0 for b in data["benchmark"]["batches"])
+    assert "latency at batch 32, 1 thread(s)" in stdout and "| latency, batch 1," in md.read_text()
+
+
 def test_failed_gate_exits_3_and_writes_no_model(tmp_path, capsys):
     out, report, md = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "s.md"
     args = [SAMPLE, out, "--calib", CALIB, *FAST, "--report", report, "--summary-md", md]
