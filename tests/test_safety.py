@@ -314,9 +314,10 @@ def test_corrupt_images_are_skipped_with_a_warning(tmp_path, capsys, caplog):
         (["--min-agreement", "1.5"], "--min-agreement is a fraction in [0, 1]"),
         (["--holdout", "1"], "--holdout must be in [0, 1)"),
         (["--holdout", "0.001"], "cannot be split into calibration and held-back"),
+        (["--size", "8", "8"], "has shape [32, 1, 8, 8] but the model expects"),
     ],
 )
-def test_bad_gate_flags(tmp_path, capsys, args, message):
+def test_bad_flags(tmp_path, capsys, args, message):
     code, _, err = main(capsys, SAMPLE, tmp_path / "o.onnx", "--calib", CALIB, *FAST, *args)
     assert code == EXIT_USER and message in one_error(err)
     assert not list(tmp_path.iterdir())
