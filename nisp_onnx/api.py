@@ -22,7 +22,7 @@ from .repair import repair as fit_layers
 from .report import Gate, GroupReport, Report
 from .rewrite import rewrite
 from .sensitivity import damage
-from .verify import check, count, node_macs
+from .verify import check, count, infer_shapes, node_macs, proto_bytes
 
 
 def prune(
@@ -165,7 +165,7 @@ def prune(
             graph, loaded.proto, changed, out_keep, calib.batches, repair, seed
         )
     with report.stage("verify"):
-        pruned = onnx.shape_inference.infer_shapes(export(graph, loaded.proto))
+        pruned = infer_shapes(export(graph, loaded.proto))
         check(pruned)
         evaluation, eval_labels = (held, held_labels) if held else (calib, labels)
         preds = predict(pruned, evaluation.batches)
@@ -184,7 +184,7 @@ def prune(
                 "threads": benchmark_threads,
                 "batches": [t.to_dict() for t in timed],
             }
-    report.size_after = pruned.ByteSize()
+    report.size_after = proto_bytes(pruned)
     if model_output is not None and (report.passed or keep_on_fail):
         with report.stage("write"):
             report.size_after = save_model(pruned, model_output, loaded.external_data)

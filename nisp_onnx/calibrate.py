@@ -6,6 +6,7 @@ outputs and the data is streamed batch by batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from .errors import NispError
+from .verify import inline, on_disk
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -40,17 +42,30 @@ class Calibration:
         return len(self.predictions)
 
 
-def session(proto: onnx.ModelProto, extra_outputs: tuple[str, ...] = ()) -> ort.InferenceSession:
-    """A CPU onnxruntime session of `proto`, with `extra_outputs` added as graph outputs."""
-    if extra_outputs:
+def session(
+    proto: onnx.ModelProto,
+    extra_outputs: Sequence[str] = (),
+    extra_nodes: Sequence[onnx.NodeProto] = (),
+) -> ort.InferenceSession:
+    """A CPU onnxruntime session of `proto`, with `extra_nodes` and `extra_outputs` (graph
+    outputs) added to a copy. A model over 2 GB, which no protobuf carries, is saved to a
+    temporary folder with external data and the session made from the file; onnxruntime
+    maps its weights from there and does not pack them again, so they are not copied."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if not inline(proto):
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        with on_disk(proto, extra_outputs, extra_nodes) as path:
+            return ort.InferenceSession(str(path), opts, providers=providers)
+    if extra_outputs or extra_nodes:
         proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        proto.graph.node.extend(extra_nodes)
         have = {o.name for o in proto.graph.output}
         proto.graph.output.extend(
             onnx.ValueInfoProto(name=name) for name in extra_outputs if name not in have
         )
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
 
 
 def _feed(sess: ort.InferenceSession, batch: dict) -> dict[str, np.ndarray]:

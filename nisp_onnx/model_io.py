@@ -13,7 +13,8 @@ from google.protobuf.message import DecodeError
 
 from .errors import NispError
 from .resources import Cost, measure
-from .shapes import fold_run_time_shapes
+from .shapes import data_weights, fold_run_time_shapes
+from .verify import infer_shapes, proto_bytes, skeleton
 
 TWO_GB = 2**31
 
@@ -55,7 +56,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Load
 
 def _load(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
-        proto, path, size, external, files = model, None, model.ByteSize(), False, set()
+        proto, path, size, external, files = model, None, proto_bytes(model), False, set()
     else:
         path = check_path(model)
         try:
@@ -116,13 +117,20 @@ def _check_domains(proto: onnx.ModelProto, path: Path | None) -> None:
 
 def _prepare(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Fold constant subgraphs (weights behind Identity, reshaped parameters) and shapes
-    computed at run time, and infer shapes."""
-    graph = gs.import_onnx(fold_run_time_shapes(proto))
+    computed at run time, and infer shapes. The large weights that only data nodes read stay
+    out of the graph surgery and are copied in once at the end (no serialisation, so any
+    size, over 2 GB too); shapes are inferred without the weights."""
+    source = fold_run_time_shapes(proto)
+    held = data_weights(source)
+    graph = gs.import_onnx(skeleton(source, held) if held else source)
     graph.fold_constants(error_ok=True).cleanup().toposort()
     _name_nodes(graph)
     folded = export(graph, proto)
+    for t in folded.graph.initializer:
+        if t.name in held:
+            t.CopyFrom(held[t.name])
     try:
-        return onnx.shape_inference.infer_shapes(folded, data_prop=True)
+        return infer_shapes(folded, data_prop=True)
     except Exception:  # shape inference is best effort; analysis freezes what it cannot size
         return folded
 
@@ -160,7 +168,7 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_data: b
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise NispError(f"{path}: the output folder {folder} does not exist")
-    external_data = external_data or proto.ByteSize() >= TWO_GB
+    external_data = external_data or proto_bytes(proto) >= TWO_GB
     data_name = path.name + ".data"
     try:
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=folder) as tmp:

@@ -15,21 +15,23 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .calibrate import session
+from .verify import is_large
+
 _SHAPE_SOURCES = {"Shape", "Size"}
 _BATCHES = (2, 3)
-_MAX_BYTES = 2**31 - 2**26  # what one protobuf can carry, with room for the extra outputs
 
 
 def fold_run_time_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `proto` whose run-time shape tensors are constants where they can be, or
     `proto` itself when there is nothing to fold or it cannot be run here."""
     frontier = _frontier(proto.graph)
-    if not frontier or proto.ByteSize() > _MAX_BYTES:
+    if not frontier:
         return proto
     consumers = _consumers(proto.graph)
     probes = _probes(proto.graph, frontier, consumers)
     try:
-        runs = [_run(_with_probes(proto, probes), frontier + list(probes), b) for b in _BATCHES]
+        runs = _run(proto, frontier + list(probes), probes)
     except Exception:  # an input we cannot synthesise, an op onnxruntime lacks: leave it
         return proto
     if runs[0] is None or runs[1] is None:
@@ -90,6 +92,38 @@ def _frontier(graph: onnx.GraphProto) -> list[str]:
     return frontier
 
 
+def data_weights(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The large initializers that only nodes reading run-time data consume (Conv, Gemm,
+    MatMul weights): folding constants never needs their values. {name: initializer}."""
+    graph = proto.graph
+    data = {t.name for t in graph.input} - {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type not in _SHAPE_SOURCES and any(t in data for t in node.input):
+            data.update(node.output)
+    inner = _subgraph_inputs(graph)
+    readers: dict[str, bool] = {}
+    for node in graph.node:
+        reads_data = any(t in data for t in node.input)
+        for t in node.input:
+            readers[t] = readers.get(t, True) and reads_data
+    return {
+        t.name: t
+        for t in graph.initializer
+        if readers.get(t.name) and t.name not in inner and is_large(t)
+    }
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name that nodes inside the subgraphs of `graph` read (If, Loop, Scan)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                names.update(t for n in g.node for t in n.input)
+                names |= _subgraph_inputs(g)
+    return names
+
+
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
     out: dict[str, list] = {}
     for node in graph.node:
@@ -120,13 +154,6 @@ def _probes(graph: onnx.GraphProto, frontier: list[str], consumers: dict) -> dic
     return probes
 
 
-def _with_probes(proto: onnx.ModelProto, probes: dict[str, str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
-    m.graph.node.extend(onnx.helper.make_node("Shape", [d], [p]) for p, d in probes.items())
-    return m
-
-
 def _feeds(graph: onnx.GraphProto, batch: int) -> dict[str, np.ndarray] | None:
     """Random inputs with every unknown dimension set to `batch`; None when the unknown
     dimensions are not one and the same."""
@@ -148,18 +175,14 @@ def _feeds(graph: onnx.GraphProto, batch: int) -> dict[str, np.ndarray] | None:
     return feeds if len(symbols) == 1 else None
 
 
-def _run(proto: onnx.ModelProto, names: list[str], batch: int) -> list[np.ndarray] | None:
-    """The values of `names` at batch size `batch`, or None when the batch is ambiguous."""
-    import onnxruntime as ort
-
-    feeds = _feeds(proto.graph, batch)
-    if feeds is None:
-        return None
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [np.asarray(v) for v in sess.run(names, feeds)]
+def _run(
+    proto: onnx.ModelProto, names: list[str], probes: dict[str, str]
+) -> list[list[np.ndarray] | None]:
+    """The values of `names` at each of the batch sizes (None where the batch is ambiguous),
+    with the shape probes added to the graph."""
+    feeds = [_feeds(proto.graph, b) for b in _BATCHES]
+    if any(f is None for f in feeds):
+        return [None] * len(_BATCHES)
+    probe_nodes = [onnx.helper.make_node("Shape", [d], [p]) for p, d in probes.items()]
+    sess = session(proto, names, probe_nodes)
+    return [[np.asarray(v) for v in sess.run(names, f)] for f in feeds]

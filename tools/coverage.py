@@ -137,6 +137,31 @@ def _section(title: str, command: str, rows: list[dict], note: str) -> list[str]
     ]
 
 
+IDIOMS = [
+    "## Exporter idioms (tests/test_idioms.py)",
+    "",
+    "Checked by function (the pruned model computes what the original computes with the "
+    "removed channels zeroed) on small graphs and fixtures:",
+    "",
+    "- **Opsets 8 to 21**: two graphs written at opset 8 (one with every op whose parameters "
+    "moved from attributes to inputs: Split, Clip, Pad, Slice, Dropout, ReduceMean, Squeeze, "
+    "Unsqueeze) and converted by `onnx.version_converter` to each of 8..21. Of the fixtures, "
+    "resnet18 and squeezenet (TorchScript, opset 17) convert to 14..21 and mobilenet_v2 "
+    "(dynamo, opset 18) to 18..21: below that the converter has no adapters (Relu, Add "
+    "below 14), and its ReduceMean adapter from 18 leaves an attribute opsets 14..17 reject.",
+    "- **Fixed and dynamic batch**: the input keeps its fixed size or its symbol, and a "
+    "dynamic model runs at other batch sizes after pruning, run-time shapes included.",
+    "- **Conv bias as a separate Add** (`[1, C, 1, 1]` or `[C, 1, 1]`): cut with the conv.",
+    "- **Several graph outputs** (two heads and a feature map): all kept with their names "
+    "and shapes; an output tensor's channels stay and the report says so.",
+    "- **The class token broadcast by Expand** (TorchScript's ViT): the constant is cut with "
+    "the residual stream; a run-time target gets its channel entry set to 1.",
+    "- **Models over 2 GB**: external data in and out; onnxruntime and the checker read them "
+    "from a temporary file, shapes are inferred without the weights.",
+    "",
+]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--ratio", type=float, default=0.5)
@@ -197,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         doc += _section(title, command, rows, note)
+    doc += IDIOMS
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(doc))
     print(f"wrote {args.out}")

@@ -6,6 +6,7 @@ from .base import Rule
 from .elementwise import BroadcastRule, PerChannelRule, UnaryRule
 from .layout import (
     ConcatRule,
+    ExpandRule,
     FlattenRule,
     GatherRule,
     PadRule,
@@ -39,6 +40,7 @@ REGISTRY: dict[str, Rule] = {
     "Gemm": GemmRule(),
     "MatMul": MatMulRule(),
     "Concat": ConcatRule(),
+    "Expand": ExpandRule(),
     "Split": SplitRule(),
     "Slice": SliceRule(),
     "Pad": PadRule(),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..channels import ChannelGraph, Link, Space, shape_of
 
@@ -67,6 +70,34 @@ def pass_through(node: gs.Node, cg: ChannelGraph, src: Space, axis: int | None =
     out = cg.new_space(node.outputs[0], src.axis if axis is None else axis, src.size)
     cg.link(src, out)
     return out
+
+
+_PLAIN = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT64: np.int64,
+}
+
+
+def weight(t: gs.Constant) -> np.ndarray:
+    """`t.values`, read from the ONNX tensor with one copy of its bytes where they are still
+    unread (graphsurgeon's own load copies them twice): large weights stay affordable. The
+    array is read-only; cuts make new arrays."""
+    lazy = t._values
+    tensor = getattr(lazy, "tensor", None)
+    if (
+        isinstance(lazy, LazyValues)
+        and isinstance(tensor, onnx.TensorProto)
+        and tensor.data_type in _PLAIN
+        and tensor.HasField("raw_data")
+        and sys.byteorder == "little"
+    ):
+        t.values = np.frombuffer(tensor.raw_data, _PLAIN[tensor.data_type]).reshape(lazy.shape)
+    return t.values
 
 
 def set_input(node: gs.Node, index: int, values: np.ndarray) -> None:

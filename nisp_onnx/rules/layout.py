@@ -457,3 +457,84 @@ class ShapeRule(Rule):
 
     def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:
         return None
+
+
+class ExpandRule(Rule):
+    """Expand (broadcast to a shape, numpy style). A channel axis the input carries whole keeps
+    its channels, moved by the difference of the ranks. A constant broadcast along its other
+    axes (TorchScript's class token, `cls.expand(N, -1, -1)`, whose target is computed at run
+    time) starts channels of its own on its one axis longer than 1: where a Concat or Add joins
+    it to a stream, the constant is cut with the stream. The target's entry at the channel axis
+    (1 or the channel count) becomes 1, by a Mul and an Add where the target is computed."""
+
+    def _plan(self, node: gs.Node, cg: ChannelGraph) -> tuple[int, int, int] | None | str:
+        """(input axis, output axis, channels); None when nothing is carried; a reason string
+        when the channels cannot be followed."""
+        x, src = node.inputs[0], cg.space(node.inputs[0])
+        r_in, r_out = rank(x), rank(node.outputs[0])
+        if src is not None:
+            axis, size = src.axis, src.size
+        elif isinstance(x, gs.Constant):
+            long = [a for a, d in enumerate(x.shape) if d > 1]
+            if len(long) != 1:
+                return None
+            axis, size = long[0], x.shape[long[0]]
+        else:
+            return None
+        if r_in is None or r_out is None or dim(shape_of(node.inputs[1]), 0) is None:
+            return f"Expand node {node.name!r} has a target of unknown length"
+        out_axis = axis + r_out - r_in
+        if size == 1 and dim(shape_of(node.outputs[0]), out_axis) != 1:
+            return f"Expand node {node.name!r} repeats one channel"
+        return axis, out_axis, size
+
+    def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:
+        plan = self._plan(node, cg)
+        if isinstance(plan, str):
+            cg.freeze(cg.space(node.inputs[0]), plan)
+        elif plan is not None:
+            out = cg.new_space(node.outputs[0], plan[1], plan[2])
+            if cg.space(node.inputs[0]) is not None:
+                cg.link(cg.space(node.inputs[0]), out)
+
+    def _fix(self, node: gs.Node) -> str:
+        return f"{node.name}__target"
+
+    def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
+        out, k = cg.space(node.outputs[0]), keep(node.outputs[0])
+        target = node.inputs[1]
+        if out is None or k is None or k.all() or target.name == self._fix(node):
+            return  # nothing cut, or seen again after the nodes inserted before it
+        axis, out_axis, _ = self._plan(node, cg)
+        if cg.space(node.inputs[0]) is None:
+            set_input(node, 0, select(node.inputs[0].values, axis, k))
+        length = dim(shape_of(target), 0)
+        entry = out_axis - (rank(node.outputs[0]) - length)
+        if entry < 0:
+            return
+        if isinstance(target, gs.Constant):
+            values = np.asarray(target.values, dtype=np.int64).copy()
+            values[entry] = 1
+            node.inputs[1] = gs.Constant(f"{node.name}__shape", values)
+            return
+        # entry := 1 at run time: target * (1 - onehot) + onehot
+        onehot = np.zeros(length, dtype=np.int64)
+        onehot[entry] = 1
+        scaled = gs.Variable(f"{node.name}__target_scaled", np.int64, [length])
+        fixed = gs.Variable(self._fix(node), np.int64, [length])
+        at = cg.graph.nodes.index(node)
+        cg.graph.nodes[at:at] = [
+            gs.Node(
+                "Mul",
+                f"{node.name}__target_mul",
+                inputs=[target, gs.Constant(f"{node.name}__target_mask", 1 - onehot)],
+                outputs=[scaled],
+            ),
+            gs.Node(
+                "Add",
+                f"{node.name}__target_add",
+                inputs=[scaled, gs.Constant(f"{node.name}__target_one", onehot)],
+                outputs=[fixed],
+            ),
+        ]
+        node.inputs[1] = fixed

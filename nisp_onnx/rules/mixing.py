@@ -6,11 +6,13 @@ channel drops a weight column). NISP flows back as `s_in = |W|^T s_out`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..channels import ChannelGraph, dim, shape_of
-from .base import Keep, Rule, pass_through, rank, select, set_input
+from .base import Keep, Rule, pass_through, rank, select, set_input, weight
 from .linear import ConvLinear, GemmLinear, Linear, MatMulLinear
 
 
@@ -23,7 +25,7 @@ class ConvRule(Rule):
         if not isinstance(w, gs.Constant):
             cg.freeze(src, f"Conv node {node.name!r} has a weight computed at run time")
             return
-        m, cig = w.values.shape[:2]
+        m, cig = w.shape[:2]  # the shape only: a large weight is not read here
         g = int(node.attrs.get("group", 1))
         out = cg.new_space(node.outputs[0], 1, m)
         if g == 1:
@@ -42,15 +44,16 @@ class ConvRule(Rule):
         src, out = cg.space(node.inputs[0]), cg.space(node.outputs[0])
         if src is None or out is None:
             return
-        w = np.abs(node.inputs[1].values.astype(np.float64))
+        w = weight(node.inputs[1])
         m, cig = w.shape[:2]
         g = int(node.attrs.get("group", 1))
-        per_link = w.reshape(m, cig, -1).sum(-1) * total[out.elements][:, None]  # [M, C/g]
+        norms = np.concatenate([a.reshape(len(a), cig, -1).sum(-1) for _, a in _abs_rows(w)])
+        per_link = norms * total[out.elements][:, None]  # [M, C/g]
         total[src.elements] += per_link.reshape(g, m // g, cig).sum(1).reshape(-1)
 
     def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
         k_out, k_in = keep(node.outputs[0]), keep(node.inputs[0])
-        w = node.inputs[1].values
+        w = weight(node.inputs[1])
         g = int(node.attrs.get("group", 1))
         if g == 1:
             set_input(node, 1, select(select(w, 0, k_out), 1, k_in))
@@ -69,22 +72,27 @@ class GemmRule(Rule):
 
     def _weight(self, node: gs.Node) -> np.ndarray:
         """B as [N, K]."""
-        b = node.inputs[1].values
+        b = weight(node.inputs[1])
         return b if node.attrs.get("transB", 0) else b.T
+
+    def _outputs(self, node: gs.Node) -> int:
+        """N, from the shape alone (a large weight is not read during analysis)."""
+        return node.inputs[1].shape[0 if node.attrs.get("transB", 0) else 1]
 
     def analyze(self, node: gs.Node, cg: ChannelGraph) -> None:
         src = cg.space(node.inputs[0])
         if not isinstance(node.inputs[1], gs.Constant) or node.attrs.get("transA", 0):
             cg.freeze(src, f"Gemm node {node.name!r} has a computed weight or transA")
             return
-        cg.new_space(node.outputs[0], 1, self._weight(node).shape[0])
+        cg.new_space(node.outputs[0], 1, self._outputs(node))
         cg.consume(node, 0)
 
     def backprop(self, node: gs.Node, cg: ChannelGraph, total: np.ndarray) -> None:
         src, out = cg.space(node.inputs[0]), cg.space(node.outputs[0])
         if src is not None and out is not None:
-            w = np.abs(self._weight(node).astype(np.float64))
-            total[src.elements] += w.T @ total[out.elements]
+            w, t_out = self._weight(node).T, total[out.elements]  # [K, N]
+            for rows, a in _abs_rows(w):
+                total[src.elements[rows]] += a @ t_out
 
     def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
         k_out, k_in = keep(node.outputs[0]), keep(node.inputs[0])
@@ -113,7 +121,7 @@ class MatMulRule(Rule):
         if not isinstance(b, gs.Constant):
             self._computed(node, cg)
             return
-        if b.values.ndim != 2:
+        if len(b.shape) != 2:
             cg.freeze(src, f"MatMul node {node.name!r} has a batched constant weight")
             return
         r = rank(a)
@@ -121,8 +129,8 @@ class MatMulRule(Rule):
             pass_through(node, cg, src)
             return
         out_rank = rank(node.outputs[0]) or r or 2
-        cg.new_space(node.outputs[0], out_rank - 1, b.values.shape[1])
-        if src is not None and dim(shape_of(a), -1) == b.values.shape[0]:
+        cg.new_space(node.outputs[0], out_rank - 1, b.shape[1])
+        if src is not None and dim(shape_of(a), -1) == b.shape[0]:
             cg.consume(node, 0)
         else:
             cg.freeze(src, f"MatMul node {node.name!r} reads its input in an unknown layout")
@@ -169,14 +177,23 @@ class MatMulRule(Rule):
             return super().backprop(node, cg, total)
         src, out = cg.space(node.inputs[0]), cg.space(node.outputs[0])
         if src is not None:
-            w = np.abs(node.inputs[1].values.astype(np.float64))
-            total[src.elements] += w @ total[out.elements]
+            t_out = total[out.elements]
+            for rows, a in _abs_rows(weight(node.inputs[1])):
+                total[src.elements[rows]] += a @ t_out
 
     def rewrite(self, node: gs.Node, cg: ChannelGraph, keep: Keep) -> None:
         if self._mixes(node, cg):
-            w = node.inputs[1].values
+            w = weight(node.inputs[1])
             set_input(node, 1, select(select(w, 0, keep(node.inputs[0])), 1, keep(node.outputs[0])))
 
     def linear(self, node: gs.Node) -> Linear | None:
         w = node.inputs[1]
         return MatMulLinear(node) if isinstance(w, gs.Constant) and w.values.ndim == 2 else None
+
+
+def _abs_rows(w: np.ndarray, block: int = 1 << 18) -> Iterator[tuple[slice, np.ndarray]]:
+    """|w| in float64, a block of rows (axis 0) at a time: (rows, block), so that a large
+    weight is never copied whole."""
+    step = max(1, block // max(1, w[:1].size))
+    for i in range(0, len(w), step):
+        yield slice(i, i + step), np.abs(w[i : i + step].astype(np.float64))
