@@ -109,7 +109,13 @@ def collect(
         if batch is None:
             break
         feed = _feed(sess, batch)
-        out, resp = sess.run([first, frl], feed)
+        try:
+            out, resp = sess.run([first, frl], feed)
+        except Exception as e:  # onnxruntime's own exception types
+            first_line = (str(e).splitlines() or [type(e).__name__])[0]
+            raise NispError(
+                f"onnxruntime failed on calibration batch {len(batches)}: {first_line}"
+            ) from None
         if not (np.isfinite(out).all() and np.isfinite(resp).all()):
             raise NispError(
                 f"the model gives NaN or Inf on calibration batch {len(batches)}; "

@@ -258,6 +258,8 @@ def _dry_run_shapes(proto: onnx.ModelProto, size: list[int] | None) -> dict[str,
         dims = [
             d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim
         ]
+        if not dims:
+            raise NispError(f"input {inp.name!r} has no shape in the model; re-export it with one")
         dims[:1] = [1]
         if size and len(dims) >= 3:
             dims[-2:] = size

@@ -67,7 +67,9 @@ def fisher_scores(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         xc = x[y == c]
         between += len(xc) * (xc.mean(axis=0) - mu) ** 2
         within += len(xc) * xc.var(axis=0)
-    return between / np.maximum(within, 1e-12 * max(float(within.max()), 1e-300))
+    if within.max() <= 0:  # one sample per class: every feature separates them equally
+        return np.ones(x.shape[1])
+    return between / np.maximum(within, 1e-12 * float(within.max()))
 
 
 def mutual_information(x: np.ndarray, y: np.ndarray, bins: int = 10) -> np.ndarray:

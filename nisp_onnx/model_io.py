@@ -9,12 +9,14 @@ from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
 
 from .errors import NispError
 from .resources import Cost, measure
 from .shapes import data_weights, fold_run_time_shapes
-from .verify import infer_shapes, proto_bytes, skeleton
+from .verify import infer_shapes, inline, proto_bytes, skeleton
 
 TWO_GB = 2**31
 
@@ -56,7 +58,9 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Load
 
 def _load(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
-        proto, path, size, external, files = model, None, proto_bytes(model), False, set()
+        proto, path, external, files = onnx.ModelProto(), None, False, set()
+        proto.CopyFrom(model)  # the caller's proto stays as it is
+        size = proto_bytes(proto)
     else:
         path = check_path(model)
         try:
@@ -74,13 +78,19 @@ def _load(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
                 )
         try:
             proto = onnx.load(str(path))
-        except (OSError, onnx.checker.ValidationError) as e:
+        except (OSError, ValueError, TypeError, onnx.checker.ValidationError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise NispError(
-                f"{path}: cannot read its external data ({e}); keep the .data file beside it"
+                f"{path}: cannot read its external data ({first}); keep the .data files "
+                "beside it, whole"
             ) from None
         size = path.stat().st_size + sum((path.parent / p).stat().st_size for p in files)
-    _check_domains(proto, path)
-    return LoadedModel(path, _prepare(proto), external, size)
+    _check_graph(proto, path)
+    try:
+        prepared = _prepare(proto)
+    except (UnicodeDecodeError, OnnxGraphSurgeonException) as e:
+        raise NispError(f"{path or 'model'}: cannot read the graph ({e})") from None
+    return LoadedModel(path, prepared, external, size)
 
 
 def _external_files(proto: onnx.ModelProto) -> set[str]:
@@ -94,14 +104,40 @@ def _external_files(proto: onnx.ModelProto) -> set[str]:
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
 
-def _check_domains(proto: onnx.ModelProto, path: Path | None) -> None:
-    """Refuse ops from unknown domains and quantized models, naming the node."""
+def _check_graph(proto: onnx.ModelProto, path: Path | None) -> None:
+    """Refuse what cannot be pruned, naming the node: ops from unknown domains, quantized
+    models, graphs without inputs or outputs, and anything onnxruntime cannot load."""
+    where = path or "model"
+    _check_domains(proto, where)
+    inits = {t.name for t in proto.graph.initializer}
+    if not [i for i in proto.graph.input if i.name not in inits]:
+        raise NispError(f"{where}: the graph has no inputs to feed calibration data to")
+    if not proto.graph.output:
+        raise NispError(f"{where}: the graph has no outputs")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        if path is not None:
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        elif inline(proto):
+            data = proto.SerializeToString()
+            ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise NispError(f"{where}: onnxruntime cannot load the model: {first}") from None
+
+
+def _check_domains(proto: onnx.ModelProto, where: Path | str) -> None:
+    """Refuse ops from unknown domains and quantized models; "ai.onnx" becomes ""."""
     known = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
     for node in proto.graph.node:
+        if node.domain == "ai.onnx":
+            node.domain = ""
         name = node.name or node.op_type
         if node.domain not in known:
             raise NispError(
-                f"{path or 'model'}: node {name!r} uses op domain {node.domain!r}, which "
+                f"{where}: node {name!r} uses op domain {node.domain!r}, which "
                 "onnxruntime cannot run here; export with standard ops"
             )
         if (
@@ -110,7 +146,7 @@ def _check_domains(proto: onnx.ModelProto, path: Path | None) -> None:
             or (node.op_type.endswith("Integer"))
         ):
             raise NispError(
-                f"{path or 'model'}: node {name!r} ({node.op_type}) makes this a quantized "
+                f"{where}: node {name!r} ({node.op_type}) makes this a quantized "
                 "model; prune the float model, then quantize the pruned one"
             )
 
@@ -129,9 +165,10 @@ def _prepare(proto: onnx.ModelProto) -> onnx.ModelProto:
     for t in folded.graph.initializer:
         if t.name in held:
             t.CopyFrom(held[t.name])
+    del folded.graph.value_info[:]  # inferred afresh: stale entries would stop inference
     try:
         return infer_shapes(folded, data_prop=True)
-    except Exception:  # shape inference is best effort; analysis freezes what it cannot size
+    except Exception:  # best effort; analysis freezes what it cannot size
         return folded
 
 

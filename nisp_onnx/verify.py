@@ -164,7 +164,11 @@ def _fixed_inputs(proto: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx.Mode
                 d.Clear()
                 d.dim_value = int(v)
     del m.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(m, data_prop=True)
+    try:
+        return onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception as e:  # onnx's InferenceError and the errors of malformed graphs
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise NispError(f"cannot infer the model's shapes to count MACs: {first}") from None
 
 
 def count(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> tuple[int, int]:
@@ -210,12 +214,14 @@ def node_macs(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> dict[st
         w = shapes.get(node.input[1]) if len(node.input) > 1 else None
         if out is None or w is None or None in out:
             raise NispError(f"cannot size node {node.name!r} to count its MACs")
+        a = shapes.get(node.input[0])
+        if a is None or None in a or len(a) < 2:
+            raise NispError(f"cannot size the input of node {node.name!r} to count its MACs")
         if node.op_type == "Conv":
             n = int(np.prod(out)) * int(np.prod(w[1:]))
         elif node.op_type == "ConvTranspose":
-            n = int(np.prod(shapes[node.input[0]])) * int(np.prod(w[1:]))
+            n = int(np.prod(a)) * int(np.prod(w[1:]))
         else:
-            a = shapes.get(node.input[0])
             k = a[0] if node.op_type == "Gemm" and _attr(node, "transA") else a[-1]
             n = int(np.prod(out)) * int(k)
         macs[node.output[0]] = n // batch

@@ -25,8 +25,12 @@ class ConvRule(Rule):
         if not isinstance(w, gs.Constant):
             cg.freeze(src, f"Conv node {node.name!r} has a weight computed at run time")
             return
-        m, cig = w.shape[:2]  # the shape only: a large weight is not read here
+        shape = tuple(w.shape)  # the shape only: a large weight is not read here
         g = int(node.attrs.get("group", 1))
+        if len(shape) < 3 or g < 1 or shape[0] % g or (src and src.size != shape[1] * g):
+            cg.freeze(src, f"Conv node {node.name!r}: weight {list(shape)}, group {g} and input")
+            return
+        m, cig = shape[:2]
         out = cg.new_space(node.outputs[0], 1, m)
         if g == 1:
             cg.consume(node, 0)
