@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .errors import NispError
 from .verify import inline, on_disk
 
-_ORT_TYPES = {
+ORT_TYPES = {  # onnxruntime's type names to numpy dtypes
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
     "tensor(float16)": np.float16,
@@ -25,6 +25,7 @@ _ORT_TYPES = {
     "tensor(int8)": np.int8,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -75,7 +76,7 @@ def _feed(sess: ort.InferenceSession, batch: dict) -> dict[str, np.ndarray]:
             raise NispError(
                 f"calibration data gives {sorted(batch)} but the model input is {inp.name!r}"
             )
-        x = np.asarray(batch[inp.name]).astype(_ORT_TYPES.get(inp.type, np.float32), copy=False)
+        x = np.asarray(batch[inp.name]).astype(ORT_TYPES.get(inp.type, np.float32), copy=False)
         fixed = [(i, d) for i, d in enumerate(inp.shape) if isinstance(d, int)]
         if x.ndim != len(inp.shape) or any(x.shape[i] != d for i, d in fixed):
             raise NispError(

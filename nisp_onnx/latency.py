@@ -29,18 +29,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .calibrate import ORT_TYPES
 from .errors import NispError
-
-_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(uint8)": np.uint8,
-    "tensor(int8)": np.int8,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
 
 Model = onnx.ModelProto | str | os.PathLike
 
@@ -120,7 +110,7 @@ def _feed(sess: ort.InferenceSession, shapes: dict[str, tuple], batch: int, seed
         if inp.name not in shapes:
             raise NispError(f"no shape given for model input {inp.name!r}")
         shape = (batch, *shapes[inp.name][1:])
-        dtype = _NUMPY.get(inp.type, np.float32)
+        dtype = ORT_TYPES.get(inp.type, np.float32)
         if np.issubdtype(dtype, np.floating):
             feed[inp.name] = rng.standard_normal(shape).astype(dtype)
         else:
