@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy.linalg import solve
+from scipy.linalg import cho_factor, cho_solve, solve
+from scipy.sparse.linalg import eigs, eigsh
 from scipy.stats import rankdata
 
 
@@ -99,11 +100,27 @@ def _spread(std: np.ndarray) -> np.ndarray:
 
 
 def _path_scores(a: np.ndarray, factor: float) -> np.ndarray:
-    """Row sums of (I - r A)^-1 - I with r = factor / rho(A): every path through a feature."""
+    """Row sums of (I - r A)^-1 - I with r = factor / rho(A): every path through a feature.
+
+    The row sums are (I - r A)^-1 1 - 1, one solve against a vector of ones; for symmetric A
+    by Cholesky, since I - r A is positive definite (its eigenvalues lie in [1 - factor,
+    1 + factor])."""
     sym = np.allclose(a, a.T)
-    rho = np.max(np.abs(np.linalg.eigvalsh(a) if sym else np.linalg.eigvals(a)))
-    eye = np.eye(len(a))
-    return (solve(eye - factor / rho * a, eye, assume_a="sym" if sym else "gen") - eye).sum(1)
+    m = np.eye(len(a)) - factor / _spectral_radius(a, sym) * a
+    ones = np.ones(len(a))
+    if sym:
+        return cho_solve(cho_factor(m, check_finite=False), ones, check_finite=False) - 1
+    return solve(m, ones, check_finite=False) - 1
+
+
+def _spectral_radius(a: np.ndarray, sym: bool) -> float:
+    """Largest eigenvalue magnitude: dense for small matrices, else by Lanczos/Arnoldi
+    started from the ones vector (deterministic)."""
+    if len(a) <= 64:
+        return float(np.max(np.abs(np.linalg.eigvalsh(a) if sym else np.linalg.eigvals(a))))
+    v0 = np.ones(len(a))
+    top = eigsh(a, k=1, which="LM", v0=v0) if sym else eigs(a, k=1, which="LM", v0=v0)
+    return float(np.abs(top[0]).max())
 
 
 def spearman(x: np.ndarray) -> np.ndarray:

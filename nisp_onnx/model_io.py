@@ -11,6 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_model
 from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
 
 from .errors import NispError
@@ -76,8 +77,10 @@ def _load(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
                 raise NispError(
                     f"{path}: its external data file {name} is missing; keep it beside the model"
                 )
+        proto = header  # the file is parsed once; external data complete it in place
         try:
-            proto = onnx.load(str(path))
+            if external:
+                load_external_data_for_model(proto, str(path.parent))
         except (OSError, ValueError, TypeError, onnx.checker.ValidationError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise NispError(

@@ -20,6 +20,8 @@ from nisp_onnx import (
     prune,
     rewrite,
 )
+from nisp_onnx import repair as repair_module
+from nisp_onnx.calibrate import session
 from nisp_onnx.model_io import export
 from nisp_onnx.repair import repair
 from nisp_onnx.rules import rule_of
@@ -206,3 +208,67 @@ def test_matmul_over_a_spatial_axis_is_not_refitted():
     report = prune(model, None, ArrayReader(b.feed(), ["x"], 2), 0.5)
     names = [la.node for la in report.layers]
     assert names and matmul not in names
+
+
+def _relu_resnet(b, blocks=3, c=8):
+    """Residual blocks conv-BN-Relu-conv-BN-Add-Relu on a stream of `c` channels; also the
+    inner tensors (the first Relu of each block) and the residual sums."""
+    s = b.cbr(b.input, 3, c)
+    inner, sums = [], []
+    for _ in range(blocks):
+        h = b.cbr(s, c, c)
+        inner.append(h)
+        sums.append(b.op("Add", b.bn(b.conv(h, c, c, bias=False), c), s))
+        s = b.op("Relu", sums[-1])
+    return b.model(b.head(s, c)), inner, sums
+
+
+def _keep_half(tensors):
+    """Cut the first half of the channels of `tensors`, and everything coupled to them."""
+
+    def keep_fn(cg):
+        cls = cg.classes()
+        cut = [cls[sp.start : sp.start + sp.size // 2] for sp in map(cg.by_tensor.get, tensors)]
+        return ~np.isin(cls, np.concatenate(cut))
+
+    return keep_fn
+
+
+def test_shortcut_targets_cancel_the_error_in_the_stream(monkeypatch):
+    """Blocks lose half their inner channels, the stream stays whole: a layer feeding a
+    residual Add, fitted to the original's sum (its output plus the shortcut's error), leaves
+    the stream closer to the original on new inputs than one fitted to its own output alone."""
+    monkeypatch.setattr(repair_module, "RELU_PASSES", 0)
+    b = Builder(shape=(32, 3, 8, 8))
+    model, inner, sums = _relu_resnet(b, blocks=6)
+    calib, test = [b.feed(s) for s in (1, 2, 3, 4)], b.feed(9)
+    want = session(model, (sums[-1],)).run([sums[-1]], test)[0]
+    error = {}
+    for on in (False, True):
+        monkeypatch.setattr(repair_module, "SHORTCUTS", on)
+        loaded, graph, changed, out_keep = _pruned(model, _keep_half(inner))
+        repair(graph, loaded.proto, changed, out_keep, calib, "ls")
+        got = session(export(graph, loaded.proto), (sums[-1],)).run([sums[-1]], test)[0]
+        error[on] = float(((got - want) ** 2).sum() / (want**2).sum())
+    assert error[True] < 0.9 * error[False]
+
+
+def test_relu_aware_refit_is_no_worse_after_the_relu(monkeypatch):
+    """A refitted layer followed by BatchNorm and Relu: refined for the error after the Relu
+    (where the original is cut off, so may the fit be), that error on the calibration data is
+    no larger than with the plain least-squares fit, and smaller here."""
+    b = Builder(shape=(16, 3, 8, 8))
+    x = b.cbr(b.input, 3, 8)
+    r = b.cbr(x, 8, 8)
+    model = b.model(b.head(b.cbr(r, 8, 8), 8))
+    calib = [b.feed(s) for s in (1, 2)]
+    want = np.concatenate([session(model, (r,)).run([r], f)[0] for f in calib])
+    error = {}
+    for passes in (0, 2):
+        monkeypatch.setattr(repair_module, "RELU_PASSES", passes)
+        loaded, graph, changed, out_keep = _pruned(model, _keep_half([x]))
+        repair(graph, loaded.proto, changed, out_keep, calib, "ls")
+        sess = session(export(graph, loaded.proto), (r,))
+        got = np.concatenate([sess.run([r], f)[0] for f in calib])
+        error[passes] = float(((got - want) ** 2).sum())
+    assert error[2] < error[0]
