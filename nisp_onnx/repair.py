@@ -14,6 +14,7 @@ Statistics are streamed per batch (Gram matrices over sampled output positions).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ from .rules import rule_of
 from .rules.linear import Linear
 
 MODES = ("ls", "bias", "none")
-ROWS_PER_FEATURE = 128  # sampled output rows per input feature of a layer
+ROWS_PER_FEATURE = 64  # sampled output rows per input feature of a layer
 MAX_FEATURES = 8192  # above this a Gram matrix is too big: bias-only repair
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge strengths tried, relative to input energy
 CHOLESKY_FROM = 64  # inputs per group from which the normal equations are solved by Cholesky
@@ -66,10 +67,16 @@ class _Sums:
         g, k, o = theta0.shape
         self.gram, self.cross, self.energy = np.zeros((g, k, k)), np.zeros((g, k, o)), 0.0
 
-    def add(self, x1: np.ndarray, y: np.ndarray) -> None:
-        xt = x1.transpose(0, 2, 1)
-        self.gram += xt @ x1
-        self.cross += xt @ y
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Rows `x` [groups, rows, K] (the bias's constant 1 implied) and their targets."""
+        k, xt = x.shape[2], x.transpose(0, 2, 1)
+        self.gram[:, :k, :k] += xt @ x
+        total = x.sum(axis=1)
+        self.gram[:, :k, k] += total
+        self.gram[:, k, :k] += total
+        self.gram[:, k, k] += x.shape[1]
+        self.cross[:, :k] += xt @ y
+        self.cross[:, k] += y.sum(axis=1)
         self.energy += float(np.einsum("gro,gro->", y, y))
 
     def __add__(self, other: _Sums) -> _Sums:
@@ -84,32 +91,43 @@ class _Sums:
         sq = quad - 2 * float((theta * self.cross).sum()) + self.energy
         return max(0.0, sq) / max(self.energy, 1e-30)
 
-    def solve(self, theta0: np.ndarray, ridge: float) -> np.ndarray:
-        """argmin error + ridge * mean input energy * ||W - W0||^2 (the bias is free)."""
+    def solver(self, theta0: np.ndarray, ridge: float) -> Callable[[np.ndarray], np.ndarray]:
+        """argmin error + ridge * mean input energy * ||W - W0||^2 (the bias is free), as a
+        function of the rows' X^T Y: the system is factorised once for any targets."""
         k = self.gram.shape[1] - 1
         scale = np.einsum("gkk->gk", self.gram[:, :-1, :-1]).mean(axis=1)
         lam = ridge * np.maximum(scale, 1e-12)[:, None] * np.r_[np.ones(k), 0.0]  # the diagonal
         a = self.gram.copy()
         np.einsum("gkk->gk", a)[...] += lam
-        b = self.cross + lam[:, :, None] * theta0
+        pull = lam[:, :, None] * theta0
         if k >= CHOLESKY_FROM:  # symmetric positive definite: Cholesky, half the work of LU
             try:
-                return np.stack(
-                    [cho_solve(cho_factor(ai, check_finite=False), bi) for ai, bi in zip(a, b)]
+                factors = [cho_factor(ai, check_finite=False) for ai in a]
+                return lambda cross: np.stack(
+                    [cho_solve(f, bi, check_finite=False) for f, bi in zip(factors, cross + pull)]
                 )
             except np.linalg.LinAlgError:
                 pass
-        try:
-            return np.linalg.solve(a, b)
-        except np.linalg.LinAlgError:
-            return np.stack([np.linalg.lstsq(ai, bi, rcond=None)[0] for ai, bi in zip(a, b)])
+
+        def general(cross: np.ndarray) -> np.ndarray:
+            b = cross + pull
+            try:
+                return np.linalg.solve(a, b)
+            except np.linalg.LinAlgError:
+                return np.stack([np.linalg.lstsq(ai, bi, rcond=None)[0] for ai, bi in zip(a, b)])
+
+        return general
+
+    def solve(self, theta0: np.ndarray, ridge: float) -> np.ndarray:
+        return self.solver(theta0, ridge)(self.cross)
 
 
 class _LeastSquares:
     """Ridge-regularised least squares towards the pruned weights. The ridge strength is
     chosen by two-fold cross-validation over batches, so a layer with few calibration rows
     for its inputs (a classifier after global pooling) is not overfitted: at the largest
-    strength the fit keeps the pruned weights and only moves the bias."""
+    strength the fit keeps the pruned weights and only moves the bias. Strengths are tried
+    from the weakest up, until the validation error rises."""
 
     def __init__(self, theta0: np.ndarray):
         self.theta0 = theta0
@@ -117,8 +135,7 @@ class _LeastSquares:
         self.batches = 0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        x1 = np.concatenate([x, np.ones(x.shape[:2] + (1,), x.dtype)], axis=2)
-        self.folds[self.batches % 2].add(x1.astype(np.float64), y.astype(np.float64))
+        self.folds[self.batches % 2].add(x.astype(np.float64), y.astype(np.float64))
         self.batches += 1
 
     def error(self, theta: np.ndarray) -> float:
@@ -126,19 +143,19 @@ class _LeastSquares:
 
     def fit(self) -> np.ndarray:
         a, b = self.folds
-        self.ridge = RIDGES[0]
-        if self.batches >= 2:
-            self.ridge = min(
-                RIDGES,
-                key=lambda r: b.error(a.solve(self.theta0, r)) + a.error(b.solve(self.theta0, r)),
-            )
-        return (a + b).solve(self.theta0, self.ridge)
+        ridge, best = RIDGES[0], np.inf
+        for r in RIDGES if self.batches >= 2 else ():
+            held = b.error(a.solve(self.theta0, r)) + a.error(b.solve(self.theta0, r))
+            if held > best:
+                break
+            ridge, best = r, held
+        total = a + b
+        self._solve = total.solver(self.theta0, ridge)
+        return self._solve(total.cross)
 
     def refit(self, cross: np.ndarray) -> np.ndarray:
         """The fit with the strength `fit` chose, for targets whose X^T Y is `cross`."""
-        total = self.folds[0] + self.folds[1]
-        total.cross = cross
-        return total.solve(self.theta0, self.ridge)
+        return self._solve(cross)
 
 
 class _BiasOnly:
@@ -461,29 +478,35 @@ def _relu_refit(
     or refined) with the least error after the Relu. Returns the weights and the relative
     errors after the Relu of the pruned and of the chosen weights (never larger)."""
     g, _, o = theta.shape
-    a = np.ones((g, 1, o)) if scale is None else scale.reshape(g, 1, o)
+    a = (np.ones((g, 1, o)) if scale is None else scale.reshape(g, 1, o)).astype(np.float32)
     big = np.abs(a) > 1e-3 * np.abs(a).max()
     candidates = [stats.theta0, theta]
     losses, energy = [], 0.0
-    for step in range(RELU_PASSES + 1):
+    for step in range(RELU_PASSES + 1):  # (rows in float32: this only ranks and refines)
         last = step == RELU_PASSES
         cross = np.zeros_like(theta)
-        loss = [np.zeros((g, o)) for _ in candidates[len(losses) :]]
+        new = [th.astype(np.float32) for th in candidates[len(losses) :]]
+        loss = [np.zeros((g, o)) for _ in new]
         for x, pos, y, c in zip(inputs, positions, ys, offsets):
-            x1 = lin.patches(x, pos).astype(np.float64)
-            x1 = np.concatenate([x1, np.ones(x1.shape[:2] + (1,))], axis=2)
+            rows = lin.patches(x, pos).astype(np.float32, copy=False)
+            c = c.astype(np.float32)
             want = np.maximum(a * y + c, 0)
             if step == 0:
-                energy += float((want * want).sum())
-            for i, th in enumerate(candidates[len(losses) :]):
-                p = x1 @ th
-                loss[i] += ((np.maximum(a * p + c, 0) - want) ** 2).sum(axis=1)
-            if not last:
-                p = x1 @ candidates[-1]
+                energy += float(np.einsum("gro,gro->", want, want, dtype=np.float64))
+            for i, th in enumerate(new):
+                p = rows @ th[:, :-1]
+                p += th[:, -1:]
+                err = a * p  # in place from here: these are the largest arrays of the repair
+                err += c
+                np.maximum(err, 0, out=err)
+                err -= want
+                loss[i] += np.einsum("gro,gro->go", err, err)
+            if not last:  # `p` is the newest candidate's output: make its cut-off side free
                 edge = -c / np.where(big, a, 1.0)  # the Relu's threshold in output units
                 free = np.where(a > 0, np.minimum(p, edge), np.maximum(p, edge))
                 target = np.where((want > 0) | ~big, y, free)
-                cross += x1.transpose(0, 2, 1) @ target
+                cross[:, :-1] += rows.transpose(0, 2, 1) @ target
+                cross[:, -1] += target.sum(axis=1)
         losses += loss
         if not last:
             candidates.append(stats.refit(cross))

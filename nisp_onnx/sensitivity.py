@@ -14,13 +14,22 @@ from .select import select
 
 STEPS = tuple(np.round(np.arange(10) / 10, 1))  # ratios tried per group
 SAMPLES = 32  # calibration inputs the damage is measured on
+MEAN_FILL = True  # removed channels take their mean (bias compensation), not zero
 
 
 class MaskedModel:
-    """The model with a 0/1 mask multiplied into every input that a mixing layer reads,
-    the masks fed as graph inputs: one session evaluates any choice of removed channels."""
+    """The model with every input that a mixing layer reads replaced by `x * mask + fill`,
+    masks and fills fed as graph inputs: one session evaluates any choice of removed
+    channels. A removed channel is filled with its mean over `batches` (what bias
+    compensation gives the layer reading it), so the damage measured is the part a repair
+    cannot take back by moving biases; without `batches`, with zero (the pruned model)."""
 
-    def __init__(self, cg: ChannelGraph, proto: onnx.ModelProto):
+    def __init__(
+        self,
+        cg: ChannelGraph,
+        proto: onnx.ModelProto,
+        batches: list[dict[str, np.ndarray]] | None = None,
+    ):
         loaded = load_model(proto)
         graph = loaded.graph()
         nodes = {n.name: n for n in graph.nodes}
@@ -32,21 +41,47 @@ class MaskedModel:
             shape = [1] * len(x.shape)
             shape[sp.axis] = sp.size
             mask = gs.Variable(f"{node.name}__mask{index}", np.float32, shape)
+            fill = gs.Variable(f"{node.name}__fill{index}", np.float32, shape)
+            scaled = gs.Variable(f"{x.name}__scaled_{node.name}", np.float32)
             masked = gs.Variable(f"{x.name}__masked_{node.name}", np.float32)
-            graph.nodes.append(gs.Node("Mul", inputs=[x, mask], outputs=[masked]))
+            graph.nodes.append(gs.Node("Mul", inputs=[x, mask], outputs=[scaled]))
+            graph.nodes.append(gs.Node("Add", inputs=[scaled, fill], outputs=[masked]))
             nodes[node.name].inputs[index] = masked
-            graph.inputs.append(mask)
-            self.masks.append((mask.name, sp, shape))
+            graph.inputs += [mask, fill]
+            self.masks.append((mask.name, fill.name, x.name, sp, shape))
+        self.means = (
+            {x: np.zeros(shape, np.float32) for _, _, x, _, shape in self.masks}
+            if batches is None
+            else _channel_means(proto, self.masks, batches)
+        )
         self.session = session(export(graph.toposort(), loaded.proto))
         self.output = self.session.get_outputs()[0].name
 
     def run(self, batches: list[dict[str, np.ndarray]], keep: np.ndarray) -> np.ndarray:
-        """Output 0 over `batches` with the elements where `keep` is false zeroed."""
-        masks = {
-            name: keep[sp.elements].astype(np.float32).reshape(shape)
-            for name, sp, shape in self.masks
-        }
-        return np.concatenate([self.session.run([self.output], {**b, **masks})[0] for b in batches])
+        """Output 0 over `batches` with the elements where `keep` is false set to their means."""
+        feeds = {}
+        for mask, fill, x, sp, shape in self.masks:
+            m = keep[sp.elements].astype(np.float32).reshape(shape)
+            feeds[mask], feeds[fill] = m, (1 - m) * self.means[x]
+        return np.concatenate([self.session.run([self.output], {**b, **feeds})[0] for b in batches])
+
+
+def _channel_means(
+    proto: onnx.ModelProto, masks: list[tuple], batches: list[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Mean of each masked tensor over `batches` and every axis but its channel axis."""
+    layout = {x: (sp.axis, shape) for _, _, x, sp, shape in masks}
+    names = sorted(layout)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    sess = session(proto, tuple(names))
+    for b in batches:
+        for x, v in zip(names, sess.run(names, b)):
+            axis, shape = layout[x]
+            other = tuple(a for a in range(v.ndim) if a != axis)
+            sums[x] = sums.get(x, 0.0) + v.astype(np.float64).sum(axis=other).reshape(shape)
+            counts[x] = counts.get(x, 0) + v.size // v.shape[axis]
+    return {x: (sums[x] / counts[x]).astype(np.float32) for x in names}
 
 
 def damage(
@@ -63,13 +98,13 @@ def damage(
     """[groups, STEPS]: KL divergence of the model's predictions from the original's when one
     group alone loses each ratio of STEPS of its channels (least important first), made
     non-decreasing in the ratio; zero for groups not to `measure`."""
-    model = MaskedModel(cg, proto)
     used, n = [], 0
     for b in batches:
         if n >= SAMPLES:
             break
         used.append(b)
         n += len(next(iter(b.values())))
+    model = MaskedModel(cg, proto, used if MEAN_FILL else None)
     reference = _log_probs(model.run(used, np.ones(cg.n_elements, bool)))
     table = np.zeros((len(groups), len(STEPS)))
     for i in range(len(groups)):

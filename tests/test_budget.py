@@ -141,3 +141,19 @@ def test_masked_model_and_damage_table():
     assert table.shape == (len(groups), len(STEPS))
     assert (table[:, 0] == 0).all() and (np.diff(table, axis=1) >= 0).all()
     assert table[:, -1].max() > 0
+
+
+def test_removed_channels_take_their_means_in_the_damage_measure():
+    """With calibration batches, a removed channel is filled with its mean: a classifier
+    reading pooled features then keeps its mean output exactly (bias compensation), which
+    zero-filling does not."""
+    b = Builder(shape=(16, 3, 8, 8))
+    model = b.model(b.head(b.cbr(b.input, 3, 8), 8))
+    loaded, cg, cls, groups, imp = _plan(model, 0.5, 0)
+    batches = [b.feed(1), b.feed(2)]
+    keep = ~select(groups, cls, imp, 0.5)[cls]
+    want = MaskedModel(cg, loaded.proto).run(batches, np.ones(cg.n_elements, bool)).mean(0)
+    filled = MaskedModel(cg, loaded.proto, batches).run(batches, keep).mean(0)
+    zeroed = MaskedModel(cg, loaded.proto).run(batches, keep).mean(0)
+    np.testing.assert_allclose(filled, want, atol=1e-4)
+    assert np.abs(zeroed - want).max() > 1e-2

@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repair", default="none,ls")
     ap.add_argument("--cifar-calib", type=int, default=1024)
+    ap.add_argument("--round-to", type=int, default=1, help="nisp-onnx --round-to")
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",") if r]
     targets = [float(t) for t in args.targets.split(",") if t]
@@ -103,7 +104,9 @@ def main():
                     for repair in args.repair.split(","):
                         start = time.perf_counter()
                         reader = ArrayReader({inp: cal}, [inp], batch, labels=labels)
-                        kw = {"global_ranking": True} if alloc == "global" else {}
+                        kw = {"round_to": args.round_to}
+                        if alloc == "global":
+                            kw["global_ranking"] = True
                         if alloc == "macs":
                             kw["target_macs"] = kept_macs
                         if target is not None:
