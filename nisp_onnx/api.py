@@ -146,7 +146,7 @@ def prune(
             importance,
             plan,
             MacModel(cg, base),
-            lambda measure: sensitivity(measure, plan.min_keep, plan.round_to),
+            lambda measure: sensitivity(measure, plan.min_keep, plan.round_to, repair != "none"),
         )
         report.groups = [_group_report(g, removed) for g in groups]
     with report.stage("rewrite"):

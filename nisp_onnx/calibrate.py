@@ -6,7 +6,7 @@ outputs and the data is streamed batch by batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +27,63 @@ ORT_TYPES = {  # onnxruntime's type names to numpy dtypes
     "tensor(int32)": np.int32,
     "tensor(bool)": np.bool_,
 }
+
+
+MAX_RUN_BYTES = 128 * 2**20  # what one run may return: larger batches are split
+
+
+def samples_per_run(proto: onnx.ModelProto, names: Sequence[str]) -> int | None:
+    """How many samples one run of `proto` returning `names` may take to stay within
+    MAX_RUN_BYTES (from the inferred shapes); None where the batch cannot be split (a fixed
+    batch, inputs that do not share one symbolic batch dimension, or shapes not known)."""
+    inits = {t.name for t in proto.graph.initializer}
+    batch = set()
+    for inp in proto.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name not in inits:
+            if not dims or dims[0].HasField("dim_value"):
+                return None
+            batch.add(dims[0].dim_param)
+    if len(batch) != 1:
+        return None
+    infos = {vi.name: vi for vi in [*proto.graph.value_info, *proto.graph.output]}
+    per_sample = 0
+    for name in names:
+        vi = infos.get(name)
+        dims = vi.type.tensor_type.shape.dim[1:] if vi is not None else None
+        if dims is None or not all(d.HasField("dim_value") for d in dims):
+            return None
+        size = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
+        per_sample += size * int(np.prod([d.dim_value for d in dims]))
+    return max(1, MAX_RUN_BYTES // max(per_sample, 1))
+
+
+def run_sliced(
+    sess: ort.InferenceSession, names: list[str], batch: dict, step: int | None
+) -> Iterator[tuple[int, int | None, list[np.ndarray]]]:
+    """(first sample, end, outputs) of runs over `batch`, `step` samples at a time, so that
+    the outputs of a large batch never all exist at once; one run (0, None, outputs) where
+    the batch is small, where `step` is None, or where the model does not run, or keep the
+    samples on the first axis, in slices."""
+    n = len(next(iter(batch.values())))
+    if step is not None and step < n:
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            try:
+                values = sess.run(names, {k: v[lo:hi] for k, v in batch.items()})
+            except Exception:  # (onnxruntime raises its own types) a batch fixed inside
+                if lo == 0:
+                    break
+                raise
+            if any(np.ndim(v) == 0 or len(v) != hi - lo for v in values):
+                if lo == 0:
+                    break  # not split along the samples: run the whole batch
+                raise ValueError("outputs of a split batch changed their first axis")
+            yield lo, hi, values
+            del values
+        else:
+            return
+    yield 0, None, sess.run(names, batch)
 
 
 @dataclass

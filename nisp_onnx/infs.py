@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve, solve
-from scipy.sparse.linalg import eigs, eigsh
+from scipy.sparse.linalg import ArpackNoConvergence, eigs, eigsh
 from scipy.stats import rankdata
 
 
@@ -116,11 +116,14 @@ def _path_scores(a: np.ndarray, factor: float) -> np.ndarray:
 def _spectral_radius(a: np.ndarray, sym: bool) -> float:
     """Largest eigenvalue magnitude: dense for small matrices, else by Lanczos/Arnoldi
     started from the ones vector (deterministic)."""
-    if len(a) <= 64:
-        return float(np.max(np.abs(np.linalg.eigvalsh(a) if sym else np.linalg.eigvals(a))))
-    v0 = np.ones(len(a))
-    top = eigsh(a, k=1, which="LM", v0=v0) if sym else eigs(a, k=1, which="LM", v0=v0)
-    return float(np.abs(top[0]).max())
+    if len(a) > 64:
+        v0 = np.ones(len(a))
+        try:
+            top = eigsh(a, k=1, which="LM", v0=v0) if sym else eigs(a, k=1, which="LM", v0=v0)
+            return float(np.abs(top[0]).max())
+        except ArpackNoConvergence:
+            pass
+    return float(np.max(np.abs(np.linalg.eigvalsh(a) if sym else np.linalg.eigvals(a))))
 
 
 def spearman(x: np.ndarray) -> np.ndarray:

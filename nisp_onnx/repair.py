@@ -4,7 +4,10 @@ Every Conv/Gemm/MatMul whose input changed gets new weights and bias for the cha
 reads, fitted by ridge-regularised least squares so that its output on the *pruned* model's
 inputs matches the *original* model's output at the same place (bias-only mode fits just the
 bias: the mean contribution of what was removed). Layers are fitted in dependency order, so
-each fit sees, and corrects, the error left by the layers before it.
+each fit sees, and corrects, the error left by the layers before it. A layer that feeds a
+residual Add is fitted to the original's output plus the error the pruned model carries in
+the other addend, so the stream's error is cancelled where it meets the block; a layer that
+a Relu follows is then refined for the error after the Relu (`ls-relu`).
 
 The pruned graph runs in *stages*: stage s holds the nodes that depend on repaired layers of
 level s at most. Stage s runs once, after its layers are fitted, from the cached tensors that
@@ -22,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from scipy.linalg import cho_factor, cho_solve
 
-from .calibrate import session
+from .calibrate import run_sliced, samples_per_run, session
 from .model_io import export
 from .rules import rule_of
 from .rules.linear import Linear
@@ -39,8 +42,9 @@ RELU_PASSES = 2  # refinements of a layer before a Relu for the error after it (
 @dataclass
 class LayerRepair:
     """Relative squared error of one layer's output on the calibration rows, with its pruned
-    weights (before) and with the fitted ones (after), given the repaired layers before it;
-    method `ls-relu` measures it after the Relu that follows the layer."""
+    weights (before) and with the fitted ones (after), given the repaired layers before it.
+    For a layer feeding a residual Add the target includes the shortcut's error (in the
+    layer's output units); method `ls-relu` measures the error after the Relu instead."""
 
     node: str
     method: str
@@ -93,7 +97,7 @@ class _Sums:
 
     def solver(self, theta0: np.ndarray, ridge: float) -> Callable[[np.ndarray], np.ndarray]:
         """argmin error + ridge * mean input energy * ||W - W0||^2 (the bias is free), as a
-        function of the rows' X^T Y: the system is factorised once for any targets."""
+        function of the rows' X^T Y (from 64 inputs on, factorised once for any targets)."""
         k = self.gram.shape[1] - 1
         scale = np.einsum("gkk->gk", self.gram[:, :-1, :-1]).mean(axis=1)
         lam = ridge * np.maximum(scale, 1e-12)[:, None] * np.r_[np.ones(k), 0.0]  # the diagonal
@@ -146,9 +150,10 @@ class _LeastSquares:
         ridge, best = RIDGES[0], np.inf
         for r in RIDGES if self.batches >= 2 else ():
             held = b.error(a.solve(self.theta0, r)) + a.error(b.solve(self.theta0, r))
-            if held > best:
+            if held < best:
+                ridge, best = r, held
+            elif not held <= best * (1 + 1e-3):  # a clear rise (or NaN): stop
                 break
-            ridge, best = r, held
         total = a + b
         self._solve = total.solver(self.theta0, ridge)
         return self._solve(total.cross)
@@ -243,19 +248,29 @@ def _layers(graph: gs.Graph, changed: set[str]) -> dict[str, _Layer]:
     return layers
 
 
+def _bn_affine(t: gs.Tensor) -> tuple[gs.Tensor, np.ndarray, np.ndarray] | None:
+    """(output, per-channel scale, shift) of the BatchNormalization that alone reads `t`,
+    with constant parameters; None where there is none."""
+    if len(t.outputs) != 1 or t.outputs[0].op != "BatchNormalization":
+        return None
+    bn = t.outputs[0]
+    params = bn.inputs[1:5]
+    if len(params) < 4 or not all(isinstance(p, gs.Constant) for p in params):
+        return None
+    gamma, beta, mean, var = (p.values.astype(np.float64) for p in params)
+    scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    return bn.outputs[0], scale, beta - mean * scale
+
+
 def _shortcut(node: gs.Node) -> tuple[str | None, np.ndarray | None]:
     """The other input of the residual Add that `node`'s output feeds, directly or through a
     BatchNormalization (whose per-channel scale is returned too): fitting the layer to the
     original's Add input plus the shortcut's error corrects the error carried in the stream."""
     t, scale = node.outputs[0], None
-    if len(t.outputs) == 1 and t.outputs[0].op == "BatchNormalization":
-        bn = t.outputs[0]
-        params = bn.inputs[1:5]
-        if len(params) < 4 or not all(isinstance(p, gs.Constant) for p in params):
-            return None, None
-        gamma, var = params[0].values, params[3].values
-        scale = (gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))).astype(np.float64)
-        t = bn.outputs[0]
+    if (bn := _bn_affine(t)) is not None:
+        if node.op == "MatMul":
+            return None, None  # (a MatMul's channels are not the BatchNorm's)
+        t, scale, _ = bn
     if len(t.outputs) != 1 or t.outputs[0].op != "Add" or len(t.outputs[0].inputs) != 2:
         return None, None
     add = t.outputs[0]
@@ -270,15 +285,10 @@ def _relu(node: gs.Node) -> tuple | None:
     follows it: an optional BatchNormalization (per-channel scale and shift) and an optional
     residual Add; None where no Relu follows so."""
     t, scale, shift, add = node.outputs[0], None, None, False
-    if len(t.outputs) == 1 and t.outputs[0].op == "BatchNormalization":
-        bn = t.outputs[0]
-        params = bn.inputs[1:5]
-        if node.op == "MatMul" or not all(isinstance(p, gs.Constant) for p in params):
-            return None  # (a MatMul's channels are not the BatchNorm's)
-        gamma, beta, mean, var = (p.values.astype(np.float64) for p in params)
-        scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
-        shift = beta - mean * scale
-        t = bn.outputs[0]
+    if (bn := _bn_affine(t)) is not None:
+        if node.op == "MatMul":
+            return None
+        t, scale, shift = bn
     if len(t.outputs) == 1 and t.outputs[0].op == "Add":
         t, add = t.outputs[0].outputs[0], True
     if len(t.outputs) != 1 or t.outputs[0].op != "Relu":
@@ -299,12 +309,12 @@ def _collect_targets(
     extra = sorted({la.shortcut for la in layers.values() if la.shortcut} - set(names))
     sess = session(original, tuple(names + extra))
     total = sum(len(next(iter(b.values()))) for b in batches)
-    step = _samples_per_run(original, names + extra)
+    step = samples_per_run(original, names + extra)
     for b, batch in enumerate(batches):
         n = len(next(iter(batch.values())))
         drawn: dict[str, np.ndarray] = {}  # positions over the whole batch, per layer
         rows: dict[str, tuple[list, list]] = {}  # target and shortcut rows, per run
-        for lo, hi, values in _runs(sess, names + extra, batch, step):
+        for lo, hi, values in run_sliced(sess, names + extra, batch, step):
             tensors = dict(zip(names + extra, values))
             for i, (name, y) in enumerate(zip(nodes, values)):
                 layer = layers.get(name)
@@ -339,51 +349,6 @@ def _collect_targets(
                 layer.shortcuts.append(_joined(shortcuts))
 
 
-MAX_RUN_BYTES = 128 * 2**20  # what one run of the original may return: larger batches are split
-
-
-def _samples_per_run(proto: onnx.ModelProto, names: list[str]) -> int | None:
-    """How many samples one run of `proto` returning `names` may take to stay within
-    MAX_RUN_BYTES (from the inferred shapes); None where the batch cannot be split (a fixed
-    batch, or shapes not known)."""
-    inits = {t.name for t in proto.graph.initializer}
-    for inp in proto.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if inp.name not in inits and (not dims or dims[0].HasField("dim_value")):
-            return None
-    infos = {vi.name: vi for vi in [*proto.graph.value_info, *proto.graph.output]}
-    per_sample = 0
-    for name in names:
-        vi = infos.get(name)
-        dims = vi.type.tensor_type.shape.dim[1:] if vi is not None else None
-        if dims is None or not all(d.HasField("dim_value") for d in dims):
-            return None
-        size = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
-        per_sample += size * int(np.prod([d.dim_value for d in dims]))
-    return max(1, MAX_RUN_BYTES // max(per_sample, 1))
-
-
-def _runs(sess: object, names: list[str], batch: dict, step: int | None):
-    """(first sample, end, outputs) of runs over `batch`, `step` samples at a time, so that
-    the outputs of a large batch never all exist at once; one run (0, None, outputs) where the
-    batch is small, where `step` is None, or where an output does not have the samples on its
-    first axis."""
-    n = len(next(iter(batch.values())))
-    if step is not None and step < n:
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            values = sess.run(names, {k: v[lo:hi] for k, v in batch.items()})
-            if any(np.ndim(v) == 0 or len(v) != hi - lo for v in values):
-                if lo == 0:
-                    break  # not split along the samples: run the whole batch
-                raise ValueError("outputs of a split batch changed their first axis")
-            yield lo, hi, values
-            del values
-        else:
-            return
-    yield 0, None, sess.run(names, batch)
-
-
 def _joined(parts: list[np.ndarray]) -> np.ndarray:
     """Rows of the runs of one batch, in sample order ([groups, rows, O / groups])."""
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
@@ -392,7 +357,7 @@ def _joined(parts: list[np.ndarray]) -> np.ndarray:
 def _drop_late_shortcuts(graph: gs.Graph, layers: dict[str, _Layer], stage: dict) -> None:
     """Free the shortcut rows of layers whose shortcut the pruned model computes no earlier
     than the layer's own stage: it is not known when the layer is fitted, so they would only
-    take memory (in ResNet-50, 132 MB for the downsampling convolutions)."""
+    take memory through the fits (ResNet downsampling convolutions)."""
     made = {t.name: stage[n.name] for n in graph.nodes for t in n.outputs}
     for layer in layers.values():
         if layer.shortcut is not None and made.get(layer.shortcut, -1) >= layer.level:
@@ -440,14 +405,15 @@ def _fit(
     positions = layer.positions
     layer.positions, layer.targets, layer.shortcuts = [], [], []
     theta = stats.fit()
-    before, after = stats.error(theta0), stats.error(theta)
     if relu is not None:  # errors after the Relu, which the refinement minimises
         method = "ls-relu"
         theta, before, after = _relu_refit(
             stats, lin, inputs, positions, ys, offsets, relu[0], theta
         )
-    elif not after <= before:  # never make a layer worse on its own data
-        theta, after = theta0, before
+    else:
+        before, after = stats.error(theta0), stats.error(theta)
+        if not after <= before:  # never make a layer worse on its own data
+            theta, after = theta0, before
     added = lin.set_params(theta.astype(np.float32))
     return LayerRepair(lin.node.name, method, before, after), added
 
@@ -456,9 +422,9 @@ def _offset(relu: tuple, other: np.ndarray | None, shape: tuple) -> np.ndarray:
     """What is added to scale * output before the Relu, per output row: the BatchNorm's shift
     and the shortcut."""
     g, _, o = shape
-    shift = np.zeros(g * o) if relu[1] is None else relu[1]
+    shift = np.zeros(g * o, np.float32) if relu[1] is None else relu[1].astype(np.float32)
     out = shift.reshape(g, 1, o)
-    return out if other is None else out + other.astype(np.float64)
+    return out if other is None else out + other
 
 
 def _relu_refit(
@@ -479,7 +445,7 @@ def _relu_refit(
     errors after the Relu of the pruned and of the chosen weights (never larger)."""
     g, _, o = theta.shape
     a = (np.ones((g, 1, o)) if scale is None else scale.reshape(g, 1, o)).astype(np.float32)
-    big = np.abs(a) > 1e-3 * np.abs(a).max()
+    big = _significant(a)
     candidates = [stats.theta0, theta]
     losses, energy = [], 0.0
     for step in range(RELU_PASSES + 1):  # (rows in float32: this only ranks and refines)
@@ -489,7 +455,6 @@ def _relu_refit(
         loss = [np.zeros((g, o)) for _ in new]
         for x, pos, y, c in zip(inputs, positions, ys, offsets):
             rows = lin.patches(x, pos).astype(np.float32, copy=False)
-            c = c.astype(np.float32)
             want = np.maximum(a * y + c, 0)
             if step == 0:
                 energy += float(np.einsum("gro,gro->", want, want, dtype=np.float64))
@@ -518,12 +483,19 @@ def _relu_refit(
     return chosen, float(losses[0].sum()) / energy, float(losses.min(axis=0).sum()) / energy
 
 
+def _significant(scale: np.ndarray) -> np.ndarray:
+    """Channels whose BatchNorm scale is large enough to correct anything through: dividing
+    by a tiny scale would ask the layer for huge outputs that its ridge barely restrains."""
+    size = np.abs(scale)
+    return size > 0.05 * np.median(size)
+
+
 def _inverse(scale: np.ndarray | None, shape: tuple) -> np.ndarray | float:
     """1 / scale shaped like output rows [groups, rows, O / groups]; 0 where the scale is too
     small for the layer to correct anything through it."""
     if scale is None:
         return 1.0
-    big = np.abs(scale) > 1e-3 * np.abs(scale).max()
+    big = _significant(scale)
     inv = np.where(big, 1 / np.where(big, scale, 1.0), 0.0).astype(np.float32)
     return inv.reshape(shape[0], 1, shape[2])
 

@@ -7,14 +7,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibrate import session
+from .calibrate import run_sliced, samples_per_run, session
 from .channels import ChannelGraph, ChannelGroup
 from .model_io import export, load_model
 from .select import select
 
 STEPS = tuple(np.round(np.arange(10) / 10, 1))  # ratios tried per group
 SAMPLES = 32  # calibration inputs the damage is measured on
-MEAN_FILL = True  # removed channels take their mean (bias compensation), not zero
 
 
 class MaskedModel:
@@ -75,12 +74,14 @@ def _channel_means(
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     sess = session(proto, tuple(names))
+    step = samples_per_run(proto, names)
     for b in batches:
-        for x, v in zip(names, sess.run(names, b)):
-            axis, shape = layout[x]
-            other = tuple(a for a in range(v.ndim) if a != axis)
-            sums[x] = sums.get(x, 0.0) + v.astype(np.float64).sum(axis=other).reshape(shape)
-            counts[x] = counts.get(x, 0) + v.size // v.shape[axis]
+        for _, _, values in run_sliced(sess, names, b, step):
+            for x, v in zip(names, values):
+                axis, shape = layout[x]
+                other = tuple(a for a in range(v.ndim) if a != axis)
+                sums[x] = sums.get(x, 0.0) + v.sum(axis=other, dtype=np.float64).reshape(shape)
+                counts[x] = counts.get(x, 0) + v.size // v.shape[axis]
     return {x: (sums[x] / counts[x]).astype(np.float32) for x in names}
 
 
@@ -94,17 +95,19 @@ def damage(
     measure: list[bool],
     min_keep: int = 1,
     round_to: int = 1,
+    fill_means: bool = True,
 ) -> np.ndarray:
     """[groups, STEPS]: KL divergence of the model's predictions from the original's when one
     group alone loses each ratio of STEPS of its channels (least important first), made
-    non-decreasing in the ratio; zero for groups not to `measure`."""
+    non-decreasing in the ratio; zero for groups not to `measure`. Removed channels take
+    their means when `fill_means` (a repair follows), else zero."""
     used, n = [], 0
     for b in batches:
         if n >= SAMPLES:
             break
         used.append(b)
         n += len(next(iter(b.values())))
-    model = MaskedModel(cg, proto, used if MEAN_FILL else None)
+    model = MaskedModel(cg, proto, used if fill_means else None)
     reference = _log_probs(model.run(used, np.ones(cg.n_elements, bool)))
     table = np.zeros((len(groups), len(STEPS)))
     for i in range(len(groups)):

@@ -20,6 +20,7 @@ from nisp_onnx import (
     prune,
     rewrite,
 )
+from nisp_onnx import calibrate as calibrate_module
 from nisp_onnx import repair as repair_module
 from nisp_onnx.calibrate import session
 from nisp_onnx.model_io import export
@@ -272,3 +273,19 @@ def test_relu_aware_refit_is_no_worse_after_the_relu(monkeypatch):
         got = np.concatenate([sess.run([r], f)[0] for f in calib])
         error[passes] = float(((got - want) ** 2).sum())
     assert error[2] < error[0]
+
+
+def test_target_pass_in_slices_fits_the_same_weights(monkeypatch):
+    """The original's extra outputs fetched a sample at a time (a large model's batch) give
+    the weights of one run per batch: the sampled positions are drawn per batch either way."""
+    b = Builder(shape=(16, 3, 8, 8))
+    model, inner, _ = _relu_resnet(b)
+    calib = [b.feed(s) for s in (1, 2)]
+    weights = {}
+    for limit in (calibrate_module.MAX_RUN_BYTES, 1):
+        monkeypatch.setattr(calibrate_module, "MAX_RUN_BYTES", limit)
+        loaded, graph, changed, out_keep = _pruned(model, _keep_half(inner))
+        repair(graph, loaded.proto, changed, out_keep, calib, "ls")
+        weights[limit] = [t.values for t in graph.tensors().values() if hasattr(t, "values")]
+    for a, c in zip(*weights.values()):
+        np.testing.assert_array_equal(a, c)
