@@ -14,6 +14,7 @@ from .select import select
 
 STEPS = tuple(np.round(np.arange(10) / 10, 1))  # ratios tried per group
 SAMPLES = 32  # calibration inputs the damage is measured on
+FILL_MEANS = True  # removed channels take their means where a repair follows (else zero)
 
 
 class MaskedModel:
@@ -107,7 +108,7 @@ def damage(
             break
         used.append(b)
         n += len(next(iter(b.values())))
-    model = MaskedModel(cg, proto, used if fill_means else None)
+    model = MaskedModel(cg, proto, used if fill_means and FILL_MEANS else None)
     reference = _log_probs(model.run(used, np.ones(cg.n_elements, bool)))
     table = np.zeros((len(groups), len(STEPS)))
     for i in range(len(groups)):

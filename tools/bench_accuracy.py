@@ -3,6 +3,7 @@
     python tools/bench_accuracy.py > docs/accuracy.md
     python tools/bench_accuracy.py --models ResNet-32 --ratios 0.3 --methods nisp-infs
     python tools/bench_accuracy.py --models ResNet-32 --ratios= --targets 0.7,0.5
+    python tools/bench_accuracy.py ... --set repair.SHORTCUTS=False   # an ablation
 
 For each model of ../shared/data (calibration and evaluation inputs disjoint, see
 tools/shared_data.py) and each ratio, every criterion prunes the same number of channels of
@@ -20,6 +21,8 @@ network depth (ResNet-20/32/44).
 """
 
 import argparse
+import ast
+import importlib
 import sys
 import tempfile
 import time
@@ -70,7 +73,21 @@ def main():
     ap.add_argument("--repair", default="none,ls")
     ap.add_argument("--cifar-calib", type=int, default=1024)
     ap.add_argument("--round-to", type=int, default=1, help="nisp-onnx --round-to")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="override a constant of nisp_onnx for an ablation, e.g. repair.SHORTCUTS=False",
+    )
     args = ap.parse_args()
+    for item in args.set:
+        where, _, value = item.partition("=")
+        module, _, name = where.rpartition(".")
+        target = importlib.import_module(f"nisp_onnx.{module}")
+        if not hasattr(target, name):
+            sys.exit(f"--set {item}: nisp_onnx.{module} has no {name}")
+        setattr(target, name, ast.literal_eval(value))
     ratios = [float(r) for r in args.ratios.split(",") if r]
     targets = [float(t) for t in args.targets.split(",") if t]
     methods = args.methods.split(",")
