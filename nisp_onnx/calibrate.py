@@ -62,9 +62,9 @@ def run_sliced(
     sess: ort.InferenceSession, names: list[str], batch: dict, step: int | None
 ) -> Iterator[tuple[int, int | None, list[np.ndarray]]]:
     """(first sample, end, outputs) of runs over `batch`, `step` samples at a time, so that
-    the outputs of a large batch never all exist at once; one run (0, None, outputs) where
-    the batch is small, where `step` is None, or where the model does not run, or keep the
-    samples on the first axis, in slices."""
+    the outputs of a large batch never all exist at once. One run (0, None, outputs) where
+    the batch is small or `step` is None, and where the first slice does not run or does
+    not keep the samples on the first axis (a batch fixed inside the graph)."""
     n = len(next(iter(batch.values())))
     if step is not None and step < n:
         for lo in range(0, n, step):
