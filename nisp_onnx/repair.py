@@ -393,23 +393,22 @@ def _fit(
     relu = layer.relu if method == "ls" else None
     if relu is not None and relu[2] and shortcut[0] is None:
         relu = None  # a Relu after an Add whose other input is not known here
-    ys, offsets = [], []
+    rows, ys, offsets = [], [], []  # kept for the refinement, which reads them again
     for b, (x, pos, y) in enumerate(zip(inputs, layer.positions, layer.targets)):
         other = None if shortcut[b] is None else lin.outputs(shortcut[b], pos, None)
         if other is not None:  # the Add should see the original's sum
             y = y + (layer.shortcuts[b] - other) * _inverse(layer.scale, y.shape)
-        stats.add(lin.patches(x, pos), y)
+        x = lin.patches(x, pos)
+        stats.add(x, y)
         if relu is not None:
+            rows.append(x.astype(np.float32, copy=False))
             ys.append(y)
             offsets.append(_offset(relu, other, y.shape))
-    positions = layer.positions
     layer.positions, layer.targets, layer.shortcuts = [], [], []
     theta = stats.fit()
     if relu is not None:  # errors after the Relu, which the refinement minimises
         method = "ls-relu"
-        theta, before, after = _relu_refit(
-            stats, lin, inputs, positions, ys, offsets, relu[0], theta
-        )
+        theta, before, after = _relu_refit(stats, rows, ys, offsets, relu[0], theta)
     else:
         before, after = stats.error(theta0), stats.error(theta)
         if not after <= before:  # never make a layer worse on its own data
@@ -429,9 +428,7 @@ def _offset(relu: tuple, other: np.ndarray | None, shape: tuple) -> np.ndarray:
 
 def _relu_refit(
     stats: _LeastSquares,
-    lin: Linear,
-    inputs: list[np.ndarray],
-    positions: list[np.ndarray],
+    rows: list[np.ndarray],
     ys: list[np.ndarray],
     offsets: list[np.ndarray],
     scale: np.ndarray | None,
@@ -453,13 +450,12 @@ def _relu_refit(
         cross = np.zeros_like(theta)
         new = [th.astype(np.float32) for th in candidates[len(losses) :]]
         loss = [np.zeros((g, o)) for _ in new]
-        for x, pos, y, c in zip(inputs, positions, ys, offsets):
-            rows = lin.patches(x, pos).astype(np.float32, copy=False)
+        for x, y, c in zip(rows, ys, offsets):
             want = np.maximum(a * y + c, 0)
             if step == 0:
                 energy += float(np.einsum("gro,gro->", want, want, dtype=np.float64))
             for i, th in enumerate(new):
-                p = rows @ th[:, :-1]
+                p = x @ th[:, :-1]
                 p += th[:, -1:]
                 err = a * p  # in place from here: these are the largest arrays of the repair
                 err += c
@@ -470,7 +466,7 @@ def _relu_refit(
                 edge = -c / np.where(big, a, 1.0)  # the Relu's threshold in output units
                 free = np.where(a > 0, np.minimum(p, edge), np.maximum(p, edge))
                 target = np.where((want > 0) | ~big, y, free)
-                cross[:, :-1] += rows.transpose(0, 2, 1) @ target
+                cross[:, :-1] += x.transpose(0, 2, 1) @ target
                 cross[:, -1] += target.sum(axis=1)
         losses += loss
         if not last:
