@@ -53,15 +53,30 @@ class LayerRepair:
 
 
 @dataclass
+class _Tail:
+    """What follows a layer's output: an optional BatchNormalization (per-channel scale and
+    shift), an optional residual Add (the name of its other input) and an optional Relu."""
+
+    scale: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    add: bool = False
+    shortcut: str | None = None  # None where unknown at the layer's fit
+    relu: bool = False
+
+    @property
+    def refines(self) -> bool:
+        """A Relu follows whose input is known at the fit (through the Add: the shortcut)."""
+        return self.relu and (self.shortcut is not None or not self.add)
+
+
+@dataclass
 class _Layer:
     lin: Linear
     level: int = 0
     positions: list = field(default_factory=list)  # per batch, [n, count]
     targets: list = field(default_factory=list)  # per batch, [groups, rows, O / groups]
-    shortcut: str | None = None  # the other input of the Add its output feeds
-    scale: np.ndarray | None = None  # per output channel, what a BatchNorm between multiplies
+    tail: _Tail = field(default_factory=_Tail)
     shortcuts: list = field(default_factory=list)  # per batch, the original's shortcut rows
-    relu: tuple | None = None  # (scale, shift, through the Add) to the Relu that follows
 
 
 class _Sums:
@@ -209,22 +224,19 @@ def repair(
     if mode == "none":
         return []
     layers = _layers(graph, changed)
-    if SHORTCUTS:
-        for layer in layers.values():
-            layer.shortcut, layer.scale = _shortcut(layer.lin.node)
-    if RELU_PASSES:
-        for layer in layers.values():
-            layer.relu = _relu(layer.lin.node)
+    for layer in layers.values():
+        layer.tail = _tail(layer.lin.node)
+    _drop_late_shortcuts(graph, layers, _stages(graph, layers))
     _collect_targets(original, layers, out_keep, batches, seed)
-    stage = _stages(graph, layers)
-    _drop_late_shortcuts(graph, layers, stage)
+    stage = _stages(graph, layers)  # again: collecting may have left layers out
     runner = _StageRunner(graph, stage, batches, original)
     runner.run(0)
     results = []
     for level in range(1, max(stage.values(), default=0) + 1):
         for layer in (la for la in layers.values() if la.level == level):
             inputs = runner.cache[layer.lin.node.inputs[0].name]
-            result, added = _fit(layer, inputs, mode, runner.cache.get(layer.shortcut or ""))
+            shortcut = runner.cache.get(layer.tail.shortcut or "")
+            result, added = _fit(layer, inputs, mode, shortcut)
             results.append(result)
             for node in added:
                 graph.nodes.append(node)
@@ -262,38 +274,24 @@ def _bn_affine(t: gs.Tensor) -> tuple[gs.Tensor, np.ndarray, np.ndarray] | None:
     return bn.outputs[0], scale, beta - mean * scale
 
 
-def _shortcut(node: gs.Node) -> tuple[str | None, np.ndarray | None]:
-    """The other input of the residual Add that `node`'s output feeds, directly or through a
-    BatchNormalization (whose per-channel scale is returned too): fitting the layer to the
-    original's Add input plus the shortcut's error corrects the error carried in the stream."""
-    t, scale = node.outputs[0], None
+def _tail(node: gs.Node) -> _Tail:
+    """What follows `node`'s output, each part alone reading what comes before it. The
+    shortcut is left out without SHORTCUTS: fitting the layer to the original's Add input
+    plus the shortcut's error corrects the error carried in the stream."""
+    tail, t = _Tail(), node.outputs[0]
     if (bn := _bn_affine(t)) is not None:
         if node.op == "MatMul":
-            return None, None  # (a MatMul's channels are not the BatchNorm's)
-        t, scale, _ = bn
-    if len(t.outputs) != 1 or t.outputs[0].op != "Add" or len(t.outputs[0].inputs) != 2:
-        return None, None
-    add = t.outputs[0]
-    other = add.inputs[1] if add.inputs[0] is t else add.inputs[0]
-    if not isinstance(other, gs.Variable) or other is t:
-        return None, None
-    return other.name, scale
-
-
-def _relu(node: gs.Node) -> tuple | None:
-    """(scale, shift, through an Add) of what lies between `node`'s output and a Relu that
-    follows it: an optional BatchNormalization (per-channel scale and shift) and an optional
-    residual Add; None where no Relu follows so."""
-    t, scale, shift, add = node.outputs[0], None, None, False
-    if (bn := _bn_affine(t)) is not None:
-        if node.op == "MatMul":
-            return None
-        t, scale, shift = bn
+            return tail  # (a MatMul's channels are not the BatchNorm's)
+        t, tail.scale, tail.shift = bn
     if len(t.outputs) == 1 and t.outputs[0].op == "Add":
-        t, add = t.outputs[0].outputs[0], True
-    if len(t.outputs) != 1 or t.outputs[0].op != "Relu":
-        return None
-    return scale, shift, add
+        add = t.outputs[0]
+        other = add.inputs[1] if add.inputs[0] is t else add.inputs[0]
+        if not isinstance(other, gs.Variable) or other is t:
+            return tail  # a constant (a bias) or the tensor twice: no residual
+        tail.add, t = True, add.outputs[0]
+        tail.shortcut = other.name if SHORTCUTS else None
+    tail.relu = len(t.outputs) == 1 and t.outputs[0].op == "Relu"
+    return tail
 
 
 def _collect_targets(
@@ -306,7 +304,7 @@ def _collect_targets(
     """One pass of the original model: each layer's output at sampled positions."""
     nodes = list(layers)
     names = [layers[n].lin.node.outputs[0].name for n in nodes]
-    extra = sorted({la.shortcut for la in layers.values() if la.shortcut} - set(names))
+    extra = sorted({la.tail.shortcut for la in layers.values() if la.tail.shortcut} - set(names))
     sess = session(original, tuple(names + extra))
     total = sum(len(next(iter(b.values()))) for b in batches)
     step = samples_per_run(original, names + extra)
@@ -332,10 +330,10 @@ def _collect_targets(
                 pos = drawn[name] if hi is None else drawn[name][lo:hi]
                 targets, shortcuts = rows.setdefault(name, ([], []))
                 targets.append(lin.outputs(y, pos, keep).astype(np.float32))
-                if layer.shortcut is not None:
-                    other = tensors[layer.shortcut]
-                    if other.shape != y.shape or (layer.scale is not None and axis != 1):
-                        layer.shortcut, layer.shortcuts = None, []
+                if layer.tail.shortcut is not None:
+                    other = tensors[layer.tail.shortcut]
+                    if other.shape != y.shape or (layer.tail.scale is not None and axis != 1):
+                        layer.tail.shortcut, layer.shortcuts = None, []
                     else:
                         shortcuts.append(lin.outputs(other, pos, keep).astype(np.float32))
             del values, tensors
@@ -345,7 +343,7 @@ def _collect_targets(
                 continue
             layer.positions.append(drawn[name])
             layer.targets.append(_joined(targets))
-            if layer.shortcut is not None:
+            if layer.tail.shortcut is not None:
                 layer.shortcuts.append(_joined(shortcuts))
 
 
@@ -355,13 +353,13 @@ def _joined(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _drop_late_shortcuts(graph: gs.Graph, layers: dict[str, _Layer], stage: dict) -> None:
-    """Free the shortcut rows of layers whose shortcut the pruned model computes no earlier
-    than the layer's own stage: it is not known when the layer is fitted, so they would only
-    take memory through the fits (ResNet downsampling convolutions)."""
+    """Forget the shortcut of layers whose shortcut the pruned model computes no earlier than
+    the layer's own stage (ResNet downsampling convolutions): it is not known when the layer
+    is fitted, so its rows are not collected."""
     made = {t.name: stage[n.name] for n in graph.nodes for t in n.outputs}
     for layer in layers.values():
-        if layer.shortcut is not None and made.get(layer.shortcut, -1) >= layer.level:
-            layer.shortcuts = []
+        if made.get(layer.tail.shortcut or "", -1) >= layer.level:
+            layer.tail.shortcut = None
 
 
 def _stages(graph: gs.Graph, layers: dict[str, _Layer]) -> dict[str, int]:
@@ -383,32 +381,31 @@ def _fit(
     layer: _Layer, inputs: list[np.ndarray], mode: str, shortcut: list[np.ndarray] | None
 ) -> tuple[LayerRepair, list]:
     """Refit one layer from its pruned inputs; `shortcut` is the pruned model's other addend
-    of the Add the layer feeds, per batch, when it is known (see `_shortcut`)."""
+    of the Add the layer feeds, per batch, when it is known (see `_tail`)."""
     lin = layer.lin
     theta0 = lin.params().astype(np.float64)
     method = "bias" if mode == "bias" or lin.features >= MAX_FEATURES else "ls"
     stats = _LeastSquares(theta0) if method == "ls" else _BiasOnly(theta0)
+    tail = layer.tail
     if shortcut is None or not layer.shortcuts:
-        shortcut = [None] * len(layer.targets)
-    relu = layer.relu if method == "ls" else None
-    if relu is not None and relu[2] and shortcut[0] is None:
-        relu = None  # a Relu after an Add whose other input is not known here
+        shortcut, tail.shortcut = [None] * len(layer.targets), None
+    refine = method == "ls" and RELU_PASSES > 0 and tail.refines
     rows, ys, offsets = [], [], []  # kept for the refinement, which reads them again
     for b, (x, pos, y) in enumerate(zip(inputs, layer.positions, layer.targets)):
         other = None if shortcut[b] is None else lin.outputs(shortcut[b], pos, None)
         if other is not None:  # the Add should see the original's sum
-            y = y + (layer.shortcuts[b] - other) * _inverse(layer.scale, y.shape)
+            y = y + (layer.shortcuts[b] - other) * _inverse(tail.scale, y.shape)
         x = lin.patches(x, pos)
         stats.add(x, y)
-        if relu is not None:
+        if refine:
             rows.append(x.astype(np.float32, copy=False))
             ys.append(y)
-            offsets.append(_offset(relu, other, y.shape))
+            offsets.append(_offset(tail.shift, other, y.shape))
     layer.positions, layer.targets, layer.shortcuts = [], [], []
     theta = stats.fit()
-    if relu is not None:  # errors after the Relu, which the refinement minimises
+    if refine:  # errors after the Relu, which the refinement minimises
         method = "ls-relu"
-        theta, before, after = _relu_refit(stats, rows, ys, offsets, relu[0], theta)
+        theta, before, after = _relu_refit(stats, rows, ys, offsets, tail.scale, theta)
     else:
         before, after = stats.error(theta0), stats.error(theta)
         if not after <= before:  # never make a layer worse on its own data
@@ -417,12 +414,11 @@ def _fit(
     return LayerRepair(lin.node.name, method, before, after), added
 
 
-def _offset(relu: tuple, other: np.ndarray | None, shape: tuple) -> np.ndarray:
+def _offset(shift: np.ndarray | None, other: np.ndarray | None, shape: tuple) -> np.ndarray:
     """What is added to scale * output before the Relu, per output row: the BatchNorm's shift
     and the shortcut."""
     g, _, o = shape
-    shift = np.zeros(g * o, np.float32) if relu[1] is None else relu[1].astype(np.float32)
-    out = shift.reshape(g, 1, o)
+    out = (np.zeros(g * o) if shift is None else shift).astype(np.float32).reshape(g, 1, o)
     return out if other is None else out + other
 
 

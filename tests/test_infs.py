@@ -1,9 +1,11 @@
 """Inf-FS against a direct, loop-by-loop computation of the ICCV 2015 formulation."""
 
 import numpy as np
+import pytest
 from scipy.stats import spearmanr
 
 from nisp_onnx import infs_scores
+from nisp_onnx.infs import _path_scores
 
 
 def dense_infs(x, alpha=0.5):
@@ -18,9 +20,10 @@ def dense_infs(x, alpha=0.5):
     return s.sum(axis=1), a
 
 
-def test_matches_dense_computation():
+@pytest.mark.parametrize("d", [7, 100])  # 100: spectral radius by Lanczos, not dense
+def test_matches_dense_computation(d):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((40, 7)) * rng.uniform(0.2, 3, 7)
+    x = rng.standard_normal((40, d)) * rng.uniform(0.2, 3, d)
     x[:, 3] = x[:, 1] * 2 + 0.01 * rng.standard_normal(40)  # a redundant pair
     want, _ = dense_infs(x)
     np.testing.assert_allclose(infs_scores(x), want, rtol=1e-8)
@@ -49,3 +52,15 @@ def test_ranking_close_to_degree_centrality():
     x = rng.standard_normal((200, 30)) * rng.uniform(0.1, 5, 30)
     s, a = dense_infs(x)
     assert spearmanr(infs_scores(x), a.sum(axis=1))[0] > 0.95
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_path_scores_are_the_row_sums_of_the_inverse(symmetric):
+    """One solve against ones (Cholesky where symmetric) and rho by Lanczos/Arnoldi give the
+    row sums of (I - r A)^-1 - I of the dense formula, for a non-negative affinity."""
+    a = np.random.default_rng(2).random((100, 100))
+    if symmetric:
+        a = (a + a.T) / 2
+    r = 0.9 / max(abs(np.linalg.eigvals(a)))
+    want = (np.linalg.inv(np.eye(100) - r * a) - np.eye(100)).sum(axis=1)
+    np.testing.assert_allclose(_path_scores(a, 0.9), want, rtol=1e-9)

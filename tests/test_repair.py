@@ -254,24 +254,38 @@ def test_shortcut_targets_cancel_the_error_in_the_stream(monkeypatch):
     assert error[True] < 0.9 * error[False]
 
 
-def test_relu_aware_refit_is_no_worse_after_the_relu(monkeypatch):
-    """A refitted layer followed by BatchNorm and Relu: refined for the error after the Relu
-    (where the original is cut off, so may the fit be), that error on the calibration data is
-    no larger than with the plain least-squares fit, and smaller here."""
-    b = Builder(shape=(16, 3, 8, 8))
+def _chain(b):
+    """conv-BN-Relu three times; the cut tensor and the Relu after the first refitted conv."""
     x = b.cbr(b.input, 3, 8)
     r = b.cbr(x, 8, 8)
-    model = b.model(b.head(b.cbr(r, 8, 8), 8))
+    return b.model(b.head(b.cbr(r, 8, 8), 8)), [x], r
+
+
+def _block(b):
+    """One residual block: the first refitted conv's Relu comes after BatchNorm and the Add."""
+    model, inner, sums = _relu_resnet(b, blocks=1)
+    return model, inner, next(n.output[0] for n in b.nodes if n.input[0] == sums[0])
+
+
+@pytest.mark.parametrize("case", [_chain, _block])
+def test_relu_aware_refit_is_no_worse_after_the_relu(monkeypatch, case):
+    """A refitted layer followed by BatchNorm and Relu (in a block: BatchNorm, the residual
+    Add, Relu): refined for the error after the Relu (where the original is cut off, so may
+    the fit be), that error on the calibration data is no larger than with the plain
+    least-squares fit, and smaller here; it is reported as `ls-relu`."""
+    b = Builder(shape=(16, 3, 8, 8))
+    model, cut, r = case(b)
     calib = [b.feed(s) for s in (1, 2)]
     want = np.concatenate([session(model, (r,)).run([r], f)[0] for f in calib])
     error = {}
     for passes in (0, 2):
         monkeypatch.setattr(repair_module, "RELU_PASSES", passes)
-        loaded, graph, changed, out_keep = _pruned(model, _keep_half([x]))
-        repair(graph, loaded.proto, changed, out_keep, calib, "ls")
+        loaded, graph, changed, out_keep = _pruned(model, _keep_half(cut))
+        layers = repair(graph, loaded.proto, changed, out_keep, calib, "ls")
         sess = session(export(graph, loaded.proto), (r,))
         got = np.concatenate([sess.run([r], f)[0] for f in calib])
         error[passes] = float(((got - want) ** 2).sum())
+        assert (layers[0].method == "ls-relu") == (passes > 0)
     assert error[2] < error[0]
 
 
@@ -285,6 +299,8 @@ def test_target_pass_in_slices_fits_the_same_weights(monkeypatch):
     for limit in (calibrate_module.MAX_RUN_BYTES, 1):
         monkeypatch.setattr(calibrate_module, "MAX_RUN_BYTES", limit)
         loaded, graph, changed, out_keep = _pruned(model, _keep_half(inner))
+        if limit == 1:  # the batches of 16 do run a sample at a time
+            assert calibrate_module.samples_per_run(loaded.proto, [inner[0]]) == 1
         repair(graph, loaded.proto, changed, out_keep, calib, "ls")
         weights[limit] = [t.values for t in graph.tensors().values() if hasattr(t, "values")]
     for a, c in zip(*weights.values()):
