@@ -87,16 +87,31 @@ class _Sums:
         self.gram, self.cross, self.energy = np.zeros((g, k, k)), np.zeros((g, k, o)), 0.0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Rows `x` [groups, rows, K] (the bias's constant 1 implied) and their targets."""
-        k, xt = x.shape[2], x.transpose(0, 2, 1)
-        self.gram[:, :k, :k] += xt @ x
-        total = x.sum(axis=1)
-        self.gram[:, :k, k] += total
-        self.gram[:, k, :k] += total
-        self.gram[:, k, k] += x.shape[1]
-        self.cross[:, :k] += xt @ y
-        self.cross[:, k] += y.sum(axis=1)
-        self.energy += float(np.einsum("gro,gro->", y, y))
+        """Rows `x` [groups, rows, K] (the bias's constant 1 implied) and their targets, in
+        float32: the products are taken of rows minus their (rounded) means, where float32
+        loses nothing that matters, and the means' part is added in float64."""
+        x, y = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
+        k, n = x.shape[2], x.shape[1]
+        sx, sy = x.sum(axis=1, dtype=np.float64), y.sum(axis=1, dtype=np.float64)
+        mx, my = (sx / n).astype(np.float32), (sy / n).astype(np.float32)
+        xc, yc = x - mx[:, None], y - my[:, None]
+        xt, mx, my = xc.transpose(0, 2, 1), mx.astype(np.float64), my.astype(np.float64)
+        # sum x x^T = sum (x - m)(x - m)^T + m u^T + u m^T with u = s - n m / 2, for any m
+        gram, mean = (xt @ xc).astype(np.float64), _outer(mx, sx - n / 2 * mx)
+        gram += mean
+        gram += mean.transpose(0, 2, 1)
+        self.gram[:, :k, :k] += gram
+        self.gram[:, :k, k] += sx
+        self.gram[:, k, :k] += sx
+        self.gram[:, k, k] += n
+        cross = (xt @ yc).astype(
+            np.float64
+        )  # and sum x y^T = sum (x - m)(y - w)^T + m (t - n w)^T + s w^T
+        cross += _outer(mx, sy - n * my)
+        cross += _outer(sx, my)
+        self.cross[:, :k] += cross
+        self.cross[:, k] += sy
+        self.energy += float(np.einsum("gro,gro->", y, y, dtype=np.float64))
 
     def __add__(self, other: _Sums) -> _Sums:
         out = _Sums(self.cross)
@@ -141,9 +156,15 @@ class _Sums:
         return self.solver(theta0, ridge)(self.cross)
 
 
+def _outer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per group outer products of [groups, K] and [groups, O]."""
+    return a[:, :, None] * b[:, None, :]
+
+
 class _LeastSquares:
     """Ridge-regularised least squares towards the pruned weights. The ridge strength is
-    chosen by two-fold cross-validation over batches, so a layer with few calibration rows
+    chosen on held-out batches (fitted on every other batch, measured on the rest, then
+    refitted on all), so a layer with few calibration rows
     for its inputs (a classifier after global pooling) is not overfitted: at the largest
     strength the fit keeps the pruned weights and only moves the bias. Strengths are tried
     from the weakest up, until the validation error rises."""
@@ -154,7 +175,7 @@ class _LeastSquares:
         self.batches = 0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.folds[self.batches % 2].add(x.astype(np.float64), y.astype(np.float64))
+        self.folds[self.batches % 2].add(x, y)
         self.batches += 1
 
     def error(self, theta: np.ndarray) -> float:
@@ -164,7 +185,7 @@ class _LeastSquares:
         a, b = self.folds
         ridge, best = RIDGES[0], np.inf
         for r in RIDGES if self.batches >= 2 else ():
-            held = b.error(a.solve(self.theta0, r)) + a.error(b.solve(self.theta0, r))
+            held = b.error(a.solve(self.theta0, r))
             if held < best:
                 ridge, best = r, held
             elif not held <= best * (1 + 1e-3):  # a clear rise (or NaN): stop
@@ -311,7 +332,7 @@ def _collect_targets(
     for b, batch in enumerate(batches):
         n = len(next(iter(batch.values())))
         drawn: dict[str, np.ndarray] = {}  # positions over the whole batch, per layer
-        rows: dict[str, tuple[list, list]] = {}  # target and shortcut rows, per run
+        rows: dict[str, list[np.ndarray | None]] = {}  # target and shortcut rows
         for lo, hi, values in run_sliced(sess, names + extra, batch, step):
             tensors = dict(zip(names + extra, values))
             for i, (name, y) in enumerate(zip(nodes, values)):
@@ -328,28 +349,35 @@ def _collect_targets(
                     shape = y.shape if hi is None else (n, *y.shape[1:])
                     drawn[name] = lin.positions(shape, count, np.random.default_rng([seed, i, b]))
                 pos = drawn[name] if hi is None else drawn[name][lo:hi]
-                targets, shortcuts = rows.setdefault(name, ([], []))
-                targets.append(lin.outputs(y, pos, keep).astype(np.float32))
+                at = slice(lo * pos.shape[1], None if hi is None else hi * pos.shape[1])
+                out = rows.setdefault(name, [None, None])
+                _put(out, 0, lin.outputs(y, pos, keep), at, n * pos.shape[1])
                 if layer.tail.shortcut is not None:
                     other = tensors[layer.tail.shortcut]
                     if other.shape != y.shape or (layer.tail.scale is not None and axis != 1):
                         layer.tail.shortcut, layer.shortcuts = None, []
                     else:
-                        shortcuts.append(lin.outputs(other, pos, keep).astype(np.float32))
+                        _put(out, 1, lin.outputs(other, pos, keep), at, n * pos.shape[1])
             del values, tensors
         for name, (targets, shortcuts) in rows.items():
             layer = layers.get(name)
             if layer is None:
                 continue
             layer.positions.append(drawn[name])
-            layer.targets.append(_joined(targets))
+            layer.targets.append(targets)
             if layer.tail.shortcut is not None:
-                layer.shortcuts.append(_joined(shortcuts))
+                layer.shortcuts.append(shortcuts)
 
 
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    """Rows of the runs of one batch, in sample order ([groups, rows, O / groups])."""
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+def _put(out: list, i: int, part: np.ndarray, at: slice, total: int) -> None:
+    """Write the rows `part` [groups, rows, O / groups] of one run at `at` into `out[i]`,
+    the float32 rows of a whole batch (made at the first run)."""
+    if at.start == 0 and at.stop is None:
+        out[i] = part.astype(np.float32, copy=False)
+        return
+    if out[i] is None:
+        out[i] = np.empty((part.shape[0], total, part.shape[2]), np.float32)
+    out[i][:, at] = part
 
 
 def _drop_late_shortcuts(graph: gs.Graph, layers: dict[str, _Layer], stage: dict) -> None:
@@ -437,31 +465,34 @@ def _relu_refit(
     or refined) with the least error after the Relu. Returns the weights and the relative
     errors after the Relu of the pruned and of the chosen weights (never larger)."""
     g, _, o = theta.shape
-    a = (np.ones((g, 1, o)) if scale is None else scale.reshape(g, 1, o)).astype(np.float32)
-    big = _significant(a)
-    candidates = [stats.theta0, theta]
-    losses, energy = [], 0.0
+    a = None if scale is None else scale.reshape(g, 1, o).astype(np.float32)
+    big = np.ones((g, 1, o), bool) if a is None else _significant(a)
+    edge = [-c if a is None else -c / np.where(big, a, 1.0) for c in offsets]  # the Relu's
+    wants = [np.maximum(y if a is None else a * y, -c) + c for y, c in zip(ys, offsets)]
+    keep = [(w > 0) | ~big for w in wants]  # where the original is not cut off: the target
+    energy = max(sum(float(np.einsum("gro,gro->", w, w, dtype=np.float64)) for w in wants), 1e-30)
+    candidates, losses = [stats.theta0, theta], []
     for step in range(RELU_PASSES + 1):  # (rows in float32: this only ranks and refines)
         last = step == RELU_PASSES
         cross = np.zeros_like(theta)
         new = [th.astype(np.float32) for th in candidates[len(losses) :]]
         loss = [np.zeros((g, o)) for _ in new]
-        for x, y, c in zip(rows, ys, offsets):
-            want = np.maximum(a * y + c, 0)
-            if step == 0:
-                energy += float(np.einsum("gro,gro->", want, want, dtype=np.float64))
+        for b, (x, y, c, want) in enumerate(zip(rows, ys, offsets, wants)):
             for i, th in enumerate(new):
                 p = x @ th[:, :-1]
                 p += th[:, -1:]
-                err = a * p  # in place from here: these are the largest arrays of the repair
-                err += c
+                err = p.copy() if a is None else a * p  # in place from here: these are the
+                err += c  # largest arrays of the repair
                 np.maximum(err, 0, out=err)
                 err -= want
                 loss[i] += np.einsum("gro,gro->go", err, err)
+                del err
             if not last:  # `p` is the newest candidate's output: make its cut-off side free
-                edge = -c / np.where(big, a, 1.0)  # the Relu's threshold in output units
-                free = np.where(a > 0, np.minimum(p, edge), np.maximum(p, edge))
-                target = np.where((want > 0) | ~big, y, free)
+                if a is None or (a > 0).all():
+                    free = np.minimum(p, edge[b], out=p)
+                else:
+                    free = np.where(a > 0, np.minimum(p, edge[b]), np.maximum(p, edge[b]))
+                target = np.where(keep[b], y, free)
                 cross[:, :-1] += x.transpose(0, 2, 1) @ target
                 cross[:, -1] += target.sum(axis=1)
         losses += loss
@@ -471,7 +502,6 @@ def _relu_refit(
     best = np.argmin(losses, axis=0)
     stacked = np.stack(candidates)  # [candidates, g, K + 1, o]
     chosen = np.take_along_axis(stacked, best[None, :, None, :], axis=0)[0]
-    energy = max(energy, 1e-30)
     return chosen, float(losses[0].sum()) / energy, float(losses.min(axis=0).sum()) / energy
 
 

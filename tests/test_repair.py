@@ -305,3 +305,19 @@ def test_target_pass_in_slices_fits_the_same_weights(monkeypatch):
         weights[limit] = [t.values for t in graph.tensors().values() if hasattr(t, "values")]
     for a, c in zip(*weights.values()):
         np.testing.assert_array_equal(a, c)
+
+
+def test_float32_sums_match_float64_on_rows_far_from_zero():
+    """The Gram sums are taken in float32 around the rows' means: on Relu-like rows with a
+    large mean (where plain float32 products lose digits) they match float64 to 1e-8."""
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal((2, 3000, 300)) + 40, 0).astype(np.float32)
+    y = (x @ rng.standard_normal((300, 20)) + 5).astype(np.float32)
+    sums = repair_module._Sums(np.zeros((2, 301, 20)))
+    sums.add(x, y)
+    x1 = np.concatenate([x.astype(np.float64), np.ones((2, 3000, 1))], axis=2)
+    gram, cross = x1.transpose(0, 2, 1) @ x1, x1.transpose(0, 2, 1) @ y.astype(np.float64)
+    assert np.abs(sums.gram - gram).max() <= 1e-8 * np.abs(gram).max()
+    assert np.abs(sums.cross - cross).max() <= 1e-8 * np.abs(cross).max()
+    plain = x.transpose(0, 2, 1) @ x  # what float32 alone gives, for scale
+    assert np.abs(plain - gram[:, :-1, :-1]).max() > 100 * np.abs(sums.gram - gram).max()

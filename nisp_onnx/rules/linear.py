@@ -130,9 +130,9 @@ class ConvLinear(Linear):
     def outputs(self, y: np.ndarray, pos: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
         n = y.shape[0]
         y = y.reshape(n, y.shape[1], -1)
-        if keep is not None:
-            y = y[:, keep]
-        rows = y[np.arange(n)[:, None], :, pos]  # [n, count, O]
+        rows = y[np.arange(n)[:, None], :, pos]  # [n, count, O]: the rows first, then the
+        if keep is not None:  # channels, so that a whole output is never copied
+            rows = rows[..., keep]
         return rows.reshape(-1, self.groups, rows.shape[-1] // self.groups).transpose(1, 0, 2)
 
     def params(self) -> np.ndarray:
