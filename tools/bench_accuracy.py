@@ -4,6 +4,7 @@
     python tools/bench_accuracy.py --models ResNet-32 --ratios 0.3 --methods nisp-infs
     python tools/bench_accuracy.py --models ResNet-32 --ratios= --targets 0.7,0.5
     python tools/bench_accuracy.py ... --set repair.SHORTCUTS=False   # an ablation
+    python tools/bench_accuracy.py ... --cifar-draws 0,1,2,3   # 4 disjoint calibration sets
 
 For each model of ../shared/data (calibration and evaluation inputs disjoint, see
 tools/shared_data.py) and each ratio, every criterion prunes the same number of channels of
@@ -16,8 +17,10 @@ Criteria that need labels get the calibration labels; a method that cannot run o
 (bn-scale without BatchNorm) gets a row saying why. Columns: top-1 on the evaluation inputs,
 top-1 agreement with the unpruned model, and WARE (Yu et al. 2018, Eq. 20) of the final
 responses on the evaluation inputs, weighted by the Inf-FS scores of the unpruned model's
-final responses. A second table compares the WARE of NISP and layer-by-layer Inf-FS over
-network depth (ResNet-20/32/44).
+final responses. With several `--cifar-draws`, the CIFAR rows are repeated for each
+disjoint draw of calibration images and a table of their means follows. A second table
+compares the WARE of NISP and layer-by-layer Inf-FS over network depth (ResNet-20/32/44;
+means over the draws).
 """
 
 import argparse
@@ -45,6 +48,10 @@ from nisp_onnx.calibrate import session  # noqa: E402
 from nisp_onnx.verify import ware  # noqa: E402
 
 METHODS = ["random", "l1", "nisp-mag", "lbl", "nisp-infs"]
+HEADER = (
+    "| model | ratio | method | repair | MACs cut | params cut | top-1 | agreement | WARE |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def outputs(path, name, frl, x, batch):
@@ -64,6 +71,15 @@ def outputs(path, name, frl, x, batch):
     return np.concatenate(preds), np.concatenate(resp)
 
 
+def _cells(row) -> str:
+    """Table cells of (MACs cut, params cut, top-1, agreement, WARE)."""
+    macs, params, top1, agree, w = row
+    return (
+        f"{100 * macs:.1f}% | {100 * params:.1f}% | {100 * top1:.2f}% | {100 * agree:.1f}% "
+        f"| {w:.3f}"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", help="comma-separated model names (default: all)")
@@ -72,6 +88,12 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repair", default="none,ls")
     ap.add_argument("--cifar-calib", type=int, default=1024)
+    ap.add_argument(
+        "--cifar-draws",
+        default="0",
+        help="disjoint draws of the CIFAR-10 calibration images, e.g. 0,1,2,3: a row per draw, "
+        "then their means",
+    )
     ap.add_argument("--round-to", type=int, default=1, help="nisp-onnx --round-to")
     ap.add_argument(
         "--set",
@@ -94,23 +116,29 @@ def main():
     wanted = args.models.split(",") if args.models else None
     print(f"Command: `python tools/bench_accuracy.py {' '.join(sys.argv[1:])}`".strip())
     print()
-    print("| model | ratio | method | repair | MACs cut | params cut | top-1 | agreement | WARE |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    wares = {}
+    print(HEADER)
+    runs = {}  # (model, setting, method, repair): a row of numbers per calibration draw
+    draws = [int(d) for d in args.cifar_draws.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.onnx"
-        for name, path, inp, batch, cal, x, y in shared_data.models(cifar_calib=args.cifar_calib):
-            if wanted and name not in wanted:
+        for draw, (name, path, inp, batch, cal, x, y) in (
+            (d, m)
+            for d in draws
+            for m in shared_data.models(cifar_calib=args.cifar_calib, cifar_draw=d)
+        ):
+            if (wanted and name not in wanted) or (draw != draws[0] and "ResNet" not in name):
                 continue
+            label = name if len(draws) == 1 or "ResNet" not in name else f"{name} #{draw}"
             frl = find_frl(load_model(path).graph())[0]
             _, cal_resp = outputs(path, inp, frl, cal, batch)
             scores = infs_scores(cal_resp)
             base, base_resp = outputs(path, inp, frl, x, batch)
-            print(
-                f"| {name} | 0 | unpruned | | 0% | 0% | {100 * (base == y).mean():.2f}% "
-                f"| 100% | 0 |",
-                flush=True,
-            )
+            if draw == draws[0]:
+                print(
+                    f"| {name} | 0 | unpruned | | 0% | 0% | {100 * (base == y).mean():.2f}% "
+                    f"| 100% | 0 |",
+                    flush=True,
+                )
             labels = shared_data.calib_labels(name)
             settings = [(r, None) for r in ratios] + [(None, t) for t in targets]
             for ratio, target in settings:
@@ -139,25 +167,35 @@ def main():
                                 **kw,
                             )
                         except NispError as e:
-                            print(f"| {name} | {where} | {method} | {repair} | {e} |||||")
+                            print(f"| {label} | {where} | {method} | {repair} | {e} |||||")
                             continue
                         if not alloc and kept_macs is None:
                             kept_macs = r.macs_after / r.macs_before
                         pred, resp = outputs(out, inp, frl, x, batch)
                         kept = np.asarray(r.frl_kept)
                         w = ware(base_resp[:, kept], resp, scores[kept])
-                        wares[name, ratio, method, repair] = w
+                        row = (r.macs_reduction, r.params_reduction, (pred == y).mean())
+                        row += ((pred == base).mean(), w)
+                        runs.setdefault((name, where, method, repair), []).append(row)
+                        print(f"| {label} | {where} | {method} | {repair} | {_cells(row)} |")
                         print(
-                            f"| {name} | {where} | {method} | {repair} | "
-                            f"{100 * r.macs_reduction:.1f}% | {100 * r.params_reduction:.1f}% | "
-                            f"{100 * (pred == y).mean():.2f}% | {100 * (pred == base).mean():.1f}% "
-                            f"| {w:.3f} |",
+                            f"{label} {where} {method} {repair} {time.perf_counter() - start:.1f}s",
+                            file=sys.stderr,
                             flush=True,
                         )
-                        print(
-                            f"{name} {where} {method} {repair} {time.perf_counter() - start:.1f}s",
-                            file=sys.stderr,
-                        )
+    if len(draws) > 1:
+        print()
+        print(f"Means over the CIFAR-10 calibration draws {args.cifar_draws} (top-1: min-max):")
+        print()
+        print(HEADER)
+        for (name, where, method, repair), rows in runs.items():
+            if len(rows) > 1:
+                a = np.array(rows)
+                low, high = 100 * a[:, 2].min(), 100 * a[:, 2].max()
+                cells = _cells(a.mean(axis=0)).split(" | ")
+                cells[2] += f" ({low:.2f}-{high:.2f})"
+                print(f"| {name} | {where} | {method} | {repair} | {' | '.join(cells)} |")
+    wares = {k: float(np.mean([row[4] for row in rows])) for k, rows in runs.items()}
     depth = [n for n in ("ResNet-20", "ResNet-32", "ResNet-44") if (n, 0.5, "lbl", "none") in wares]
     if depth:
         print()

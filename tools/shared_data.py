@@ -38,11 +38,16 @@ def _cifar(x):
     return ((x.astype(np.float32) / 255 - CIFAR_MEAN) / CIFAR_STD).transpose(0, 3, 1, 2)
 
 
-def cifar(n_calib=256, n_eval=1017):
+def cifar(n_calib=256, n_eval=1017, draw=0):
+    """Calibration: block `draw` of `n_calib` JPEG images after the first 1,017 (draws are
+    disjoint); evaluation: the first `n_eval` lossless images."""
     lossless = np.load(DATA / "cifar10" / "cifar10_test_first1017.npz")
     jpeg = np.load(DATA / "cifar10" / "cifar10_test_jpeg.npz")
-    calib = _cifar(jpeg["x"][1017 : 1017 + n_calib])
-    CALIB_LABELS["cifar"] = jpeg["y"][1017 : 1017 + n_calib]
+    start = 1017 + draw * n_calib
+    if start + n_calib > len(jpeg["x"]):
+        raise ValueError(f"CIFAR-10 has no calibration draw {draw} of {n_calib} images")
+    calib = _cifar(jpeg["x"][start : start + n_calib])
+    CALIB_LABELS["cifar"] = jpeg["y"][start : start + n_calib]
     return calib, _cifar(lossless["x"][:n_eval]), lossless["y"][:n_eval]
 
 
@@ -70,10 +75,10 @@ def mnist(scale_lenet, n_calib=1000, n_eval=9000):
     return x[:n_calib], x[n_calib : n_calib + n_eval], y[n_calib : n_calib + n_eval]
 
 
-def models(n_eval=None, cifar_calib=256):
+def models(n_eval=None, cifar_calib=256, cifar_draw=0):
     """(name, model path, input name, batch, calibration, eval inputs, eval labels) per model."""
     kw = {} if n_eval is None else {"n_eval": n_eval}
-    c_cal, c_x, c_y = cifar(n_calib=cifar_calib, **kw)
+    c_cal, c_x, c_y = cifar(n_calib=cifar_calib, draw=cifar_draw, **kw)
     rows = [
         (f"ResNet-{d}", DATA / "cifar10" / f"resnet{d}.onnx", "input", 64, c_cal, c_x, c_y)
         for d in (20, 32, 44)
