@@ -104,9 +104,8 @@ class _Sums:
         self.gram[:, :k, k] += sx
         self.gram[:, k, :k] += sx
         self.gram[:, k, k] += n
-        cross = (xt @ yc).astype(
-            np.float64
-        )  # and sum x y^T = sum (x - m)(y - w)^T + m (t - n w)^T + s w^T
+        # and sum x y^T = sum (x - m)(y - w)^T + m (t - n w)^T + s w^T, with t = sum y
+        cross = (xt @ yc).astype(np.float64)
         cross += _outer(mx, sy - n * my)
         cross += _outer(sx, my)
         self.cross[:, :k] += cross
@@ -163,11 +162,11 @@ def _outer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 class _LeastSquares:
     """Ridge-regularised least squares towards the pruned weights. The ridge strength is
-    chosen on held-out batches (fitted on every other batch, measured on the rest, then
-    refitted on all), so a layer with few calibration rows
-    for its inputs (a classifier after global pooling) is not overfitted: at the largest
-    strength the fit keeps the pruned weights and only moves the bias. Strengths are tried
-    from the weakest up, until the validation error rises."""
+    chosen on held-out batches (fitted on every other batch, measured on the others, then
+    refitted on all), so a layer with few calibration rows for its inputs (a classifier after
+    global pooling) is not overfitted: at the largest strength the fit keeps the pruned
+    weights and only moves the bias. Strengths are tried from the weakest up, until the
+    held-out error rises."""
 
     def __init__(self, theta0: np.ndarray):
         self.theta0 = theta0
@@ -467,9 +466,11 @@ def _relu_refit(
     g, _, o = theta.shape
     a = None if scale is None else scale.reshape(g, 1, o).astype(np.float32)
     big = np.ones((g, 1, o), bool) if a is None else _significant(a)
-    edge = [-c if a is None else -c / np.where(big, a, 1.0) for c in offsets]  # the Relu's
+    # per batch: the Relu's threshold in output units, the original after the Relu, and
+    # where that is not cut off (the target stays the original's there)
+    edge = [-c if a is None else -c / np.where(big, a, 1.0) for c in offsets]
     wants = [np.maximum(y if a is None else a * y, -c) + c for y, c in zip(ys, offsets)]
-    keep = [(w > 0) | ~big for w in wants]  # where the original is not cut off: the target
+    keep = [(w > 0) | ~big for w in wants]
     energy = max(sum(float(np.einsum("gro,gro->", w, w, dtype=np.float64)) for w in wants), 1e-30)
     candidates, losses = [stats.theta0, theta], []
     for step in range(RELU_PASSES + 1):  # (rows in float32: this only ranks and refines)
