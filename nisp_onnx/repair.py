@@ -466,11 +466,12 @@ def _relu_refit(
     g, _, o = theta.shape
     a = None if scale is None else scale.reshape(g, 1, o).astype(np.float32)
     big = np.ones((g, 1, o), bool) if a is None else _significant(a)
-    # per batch: the Relu's threshold in output units, the original after the Relu, and
-    # where that is not cut off (the target stays the original's there)
+    # per batch: the Relu's threshold in output units, the original after the Relu, and 1
+    # where that is cut off (elsewhere the target stays the original's; a float mask, as
+    # arithmetic is many times faster than numpy's masked selection)
     edge = [-c if a is None else -c / np.where(big, a, 1.0) for c in offsets]
     wants = [np.maximum(y if a is None else a * y, -c) + c for y, c in zip(ys, offsets)]
-    keep = [(w > 0) | ~big for w in wants]
+    cut = [((w <= 0) & big).astype(np.float32) for w in wants]
     energy = max(sum(float(np.einsum("gro,gro->", w, w, dtype=np.float64)) for w in wants), 1e-30)
     candidates, losses = [stats.theta0, theta], []
     for step in range(RELU_PASSES + 1):  # (rows in float32: this only ranks and refines)
@@ -493,7 +494,9 @@ def _relu_refit(
                     free = np.minimum(p, edge[b], out=p)
                 else:
                     free = np.where(a > 0, np.minimum(p, edge[b]), np.maximum(p, edge[b]))
-                target = np.where(keep[b], y, free)
+                free -= y  # the target: y + cut * (free - y)
+                free *= cut[b]
+                target = np.add(free, y, out=free)
                 cross[:, :-1] += x.transpose(0, 2, 1) @ target
                 cross[:, -1] += target.sum(axis=1)
         losses += loss
