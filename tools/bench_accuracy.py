@@ -10,7 +10,10 @@ For each model of ../shared/data (calibration and evaluation inputs disjoint, se
 tools/shared_data.py) and each ratio, every criterion prunes the same number of channels of
 every group, so all of them land at the same MACs. A method `CRITERION@macs` instead uses
 `--target-macs` set to the MACs the first uniform method kept at that ratio (same MACs,
-ratios chosen per group from the global ranking); `CRITERION@global` uses `--global`.
+ratios chosen per group from the global ranking); `CRITERION@global` uses `--global`;
+`CRITERION@METHOD` removes as many channels from each group as METHOD (run before it) did
+at the same setting, ranked by CRITERION: it separates a criterion's ranking within groups
+from its allocation across them.
 With `--targets F,..`, every method also runs with `--target-macs F` (row "MACs x F"):
 ratios chosen by measured sensitivity, or by the global ranking for `CRITERION@global`.
 Criteria that need labels get the calibration labels; a method that cannot run on a model
@@ -142,7 +145,7 @@ def main():
             labels = shared_data.calib_labels(name)
             settings = [(r, None) for r in ratios] + [(None, t) for t in targets]
             for ratio, target in settings:
-                kept_macs = None
+                kept_macs, chosen = None, {}  # chosen: the per-group ratios of each method
                 where = ratio if target is None else f"MACs x {target}"
                 for method in methods:
                     criterion, _, alloc = method.partition("@")
@@ -154,14 +157,17 @@ def main():
                             kw["global_ranking"] = True
                         if alloc == "macs":
                             kw["target_macs"] = kept_macs
-                        if target is not None:
+                        other = chosen.get((alloc, repair))  # another method's ratios
+                        if target is not None and other is None:
                             kw["target_macs"] = target
+                        if other is not None:
+                            kw["layer_ratio"] = other
                         try:
                             r = prune(
                                 path,
                                 out,
                                 reader,
-                                ratio or 0.5,
+                                0.0 if other is not None else ratio or 0.5,
                                 criterion=criterion,
                                 repair=repair,
                                 **kw,
@@ -171,6 +177,11 @@ def main():
                             continue
                         if not alloc and kept_macs is None:
                             kept_macs = r.macs_after / r.macs_before
+                        chosen[method, repair] = {
+                            g.nodes[0]: (g.channels - g.kept) / max(g.channels - g.frozen, 1)
+                            for g in r.groups
+                            if g.nodes
+                        }
                         pred, resp = outputs(out, inp, frl, x, batch)
                         kept = np.asarray(r.frl_kept)
                         w = ware(base_resp[:, kept], resp, scores[kept])
