@@ -188,7 +188,10 @@ def main():
                         row = (r.macs_reduction, r.params_reduction, (pred == y).mean())
                         row += ((pred == base).mean(), w)
                         runs.setdefault((name, where, method, repair), []).append(row)
-                        print(f"| {label} | {where} | {method} | {repair} | {_cells(row)} |")
+                        print(
+                            f"| {label} | {where} | {method} | {repair} | {_cells(row)} |",
+                            flush=True,
+                        )
                         print(
                             f"{label} {where} {method} {repair} {time.perf_counter() - start:.1f}s",
                             file=sys.stderr,
