@@ -466,12 +466,12 @@ def _relu_refit(
     g, _, o = theta.shape
     a = None if scale is None else scale.reshape(g, 1, o).astype(np.float32)
     big = np.ones((g, 1, o), bool) if a is None else _significant(a)
-    # per batch: the Relu's threshold in output units, the original after the Relu, and 1
-    # where that is cut off (elsewhere the target stays the original's; a float mask, as
-    # arithmetic is many times faster than numpy's masked selection)
+    # per batch: the Relu's threshold in output units, the original after the Relu, and
+    # where that is cut off (elsewhere the target stays the original's; used as a factor,
+    # as arithmetic is many times faster than numpy's masked selection)
     edge = [-c if a is None else -c / np.where(big, a, 1.0) for c in offsets]
     wants = [np.maximum(y if a is None else a * y, -c) + c for y, c in zip(ys, offsets)]
-    cut = [((w <= 0) & big).astype(np.float32) for w in wants]
+    cut = [(w <= 0) & big for w in wants]
     energy = max(sum(float(np.einsum("gro,gro->", w, w, dtype=np.float64)) for w in wants), 1e-30)
     candidates, losses = [stats.theta0, theta], []
     for step in range(RELU_PASSES + 1):  # (rows in float32: this only ranks and refines)

@@ -28,6 +28,7 @@ means over the draws).
 
 import argparse
 import ast
+import glob
 import importlib
 import sys
 import tempfile
@@ -117,19 +118,26 @@ def main():
     targets = [float(t) for t in args.targets.split(",") if t]
     methods = args.methods.split(",")
     wanted = args.models.split(",") if args.models else None
+    draws = [int(d) for d in args.cifar_draws.split(",")]
+    if not all(0 <= d < shared_data.cifar_draws(args.cifar_calib) for d in draws):
+        sys.exit(
+            f"--cifar-draws: CIFAR-10 has draws 0 to "
+            f"{shared_data.cifar_draws(args.cifar_calib) - 1} of {args.cifar_calib} images"
+        )
     print(f"Command: `python tools/bench_accuracy.py {' '.join(sys.argv[1:])}`".strip())
     print()
     print(HEADER)
     runs = {}  # (model, setting, method, repair): a row of numbers per calibration draw
-    draws = [int(d) for d in args.cifar_draws.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.onnx"
         for draw, (name, path, inp, batch, cal, x, y) in (
             (d, m)
             for d in draws
-            for m in shared_data.models(cifar_calib=args.cifar_calib, cifar_draw=d)
+            for m in shared_data.models(
+                cifar_calib=args.cifar_calib, cifar_draw=d, cifar_only=d != draws[0]
+            )
         ):
-            if (wanted and name not in wanted) or (draw != draws[0] and "ResNet" not in name):
+            if wanted and name not in wanted:
                 continue
             label = name if len(draws) == 1 or "ResNet" not in name else f"{name} #{draw}"
             frl = find_frl(load_model(path).graph())[0]
@@ -158,6 +166,12 @@ def main():
                         if alloc == "macs":
                             kw["target_macs"] = kept_macs
                         other = chosen.get((alloc, repair))  # another method's ratios
+                        if alloc not in ("", "macs", "global") and other is None:
+                            print(
+                                f"| {label} | {where} | {method} | {repair} | no {alloc} "
+                                "run before it at this setting |||||"
+                            )
+                            continue
                         if target is not None and other is None:
                             kw["target_macs"] = target
                         if other is not None:
@@ -177,8 +191,11 @@ def main():
                             continue
                         if not alloc and kept_macs is None:
                             kept_macs = r.macs_after / r.macs_before
-                        chosen[method, repair] = {
-                            g.nodes[0]: (g.channels - g.kept) / max(g.channels - g.frozen, 1)
+                        chosen[method, repair] = {  # (ratios below 1: a Plan's bound)
+                            glob.escape(g.nodes[0]): min(
+                                (g.channels - g.kept) / max(g.channels - g.frozen, 1),
+                                np.nextafter(1.0, 0.0),
+                            )
                             for g in r.groups
                             if g.nodes
                         }

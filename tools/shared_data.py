@@ -75,7 +75,12 @@ def mnist(scale_lenet, n_calib=1000, n_eval=9000):
     return x[:n_calib], x[n_calib : n_calib + n_eval], y[n_calib : n_calib + n_eval]
 
 
-def models(n_eval=None, cifar_calib=256, cifar_draw=0):
+def cifar_draws(n_calib):
+    """How many disjoint draws of `n_calib` calibration images CIFAR-10 has."""
+    return (10000 - 1017) // n_calib
+
+
+def models(n_eval=None, cifar_calib=256, cifar_draw=0, cifar_only=False):
     """(name, model path, input name, batch, calibration, eval inputs, eval labels) per model."""
     kw = {} if n_eval is None else {"n_eval": n_eval}
     c_cal, c_x, c_y = cifar(n_calib=cifar_calib, draw=cifar_draw, **kw)
@@ -83,6 +88,8 @@ def models(n_eval=None, cifar_calib=256, cifar_draw=0):
         (f"ResNet-{d}", DATA / "cifar10" / f"resnet{d}.onnx", "input", 64, c_cal, c_x, c_y)
         for d in (20, 32, 44)
     ]
+    if cifar_only:
+        return rows
     for name, size in (("MobileNet-v1 0.25", 128), ("MobileNet-v1 0.5", 160)):
         cal, x, y = imagenet(size, **kw)
         tag = name.split()[-1]
