@@ -321,3 +321,30 @@ def test_float32_sums_match_float64_on_rows_far_from_zero():
     assert np.abs(sums.cross - cross).max() <= 1e-8 * np.abs(cross).max()
     plain = x.transpose(0, 2, 1) @ x  # what float32 alone gives, for scale
     assert np.abs(plain - gram[:, :-1, :-1]).max() > 100 * np.abs(sums.gram - gram).max()
+
+
+def test_relu_refinement_through_a_negative_scale_mirrors_a_positive_one(monkeypatch):
+    """Relu(-(x W) + c) fitted to Relu(-y + c) is Relu(x (-W) + c) fitted to Relu(-y + c)
+    read the other way: the refinement through a BatchNorm scale of -1 (the general path)
+    must give the negated weights and the same errors as with +1 and negated targets (the
+    fast path), and both must gain over plain least squares."""
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal((1, 400, 12)).astype(np.float32) for _ in range(4)]
+    w, v = rng.standard_normal((12, 5)), rng.standard_normal((12, 5))
+    ys = [(x[0] @ w + 0.5 * (x[0] @ v) ** 2)[None].astype(np.float32) for x in rows]
+    offsets = [rng.standard_normal((1, 400, 5)).astype(np.float32) for _ in rows]
+    theta0 = np.concatenate([w, np.zeros((1, 5))])[None]
+    out = {}
+    for passes, sign in ((0, 1.0), (2, 1.0), (2, -1.0)):
+        monkeypatch.setattr(repair_module, "RELU_PASSES", passes)
+        stats = repair_module._LeastSquares(sign * -theta0)
+        targets = [sign * -y for y in ys]
+        for x, y in zip(rows, targets):
+            stats.add(x, y)
+        scale = np.full(5, sign)
+        out[passes, sign] = repair_module._relu_refit(
+            stats, rows, targets, offsets, scale, stats.fit()
+        )
+    np.testing.assert_allclose(out[2, -1.0][0], -out[2, 1.0][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[2, -1.0][1:], out[2, 1.0][1:], rtol=1e-4)
+    assert out[2, 1.0][2] < 0.95 * out[0, 1.0][2]  # the refinement did something
