@@ -5,6 +5,7 @@
     python tools/bench_accuracy.py --models ResNet-32 --ratios= --targets 0.7,0.5
     python tools/bench_accuracy.py ... --set repair.SHORTCUTS=False   # an ablation
     python tools/bench_accuracy.py ... --cifar-draws 0,1,2,3   # 4 disjoint calibration sets
+    python tools/bench_accuracy.py ... --cifar-orders 4   # each in 4 orders
 
 For each model of ../shared/data (calibration and evaluation inputs disjoint, see
 tools/shared_data.py) and each ratio, every criterion prunes the same number of channels of
@@ -21,7 +22,8 @@ Criteria that need labels get the calibration labels; a method that cannot run o
 top-1 agreement with the unpruned model, and WARE (Yu et al. 2018, Eq. 20) of the final
 responses on the evaluation inputs, weighted by the Inf-FS scores of the unpruned model's
 final responses. With several `--cifar-draws`, the CIFAR rows are repeated for each
-disjoint draw of calibration images and a table of their means follows. A second table
+disjoint draw of calibration images (and with `--cifar-orders`, in shuffled orders) and a
+table of their means follows. A second table
 compares the WARE of NISP and layer-by-layer Inf-FS over network depth (ResNet-20/32/44;
 means over the draws).
 """
@@ -98,6 +100,13 @@ def main():
         help="disjoint draws of the CIFAR-10 calibration images, e.g. 0,1,2,3: a row per draw, "
         "then their means",
     )
+    ap.add_argument(
+        "--cifar-orders",
+        type=int,
+        default=1,
+        help="N: also run each CIFAR-10 draw with its images in N-1 shuffled orders (the "
+        "order decides which images measure the damage of a MACs target)",
+    )
     ap.add_argument("--round-to", type=int, default=1, help="nisp-onnx --round-to")
     ap.add_argument(
         "--set",
@@ -130,27 +139,35 @@ def main():
     runs = {}  # (model, setting, method, repair): a row of numbers per calibration draw
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.onnx"
-        for draw, (name, path, inp, batch, cal, x, y) in (
-            (d, m)
+        for draw, order, (name, path, inp, batch, cal, x, y) in (
+            (d, o, m)
             for d in draws
+            for o in range(args.cifar_orders)
             for m in shared_data.models(
-                cifar_calib=args.cifar_calib, cifar_draw=d, cifar_only=d != draws[0]
+                cifar_calib=args.cifar_calib,
+                cifar_draw=d,
+                cifar_only=(d, o) != (draws[0], 0),
             )
         ):
             if wanted and name not in wanted:
                 continue
-            label = name if len(draws) == 1 or "ResNet" not in name else f"{name} #{draw}"
+            cifar, labels = "ResNet" in name, shared_data.calib_labels(name)
+            if cifar and order:  # the same images in another order
+                shuffle = np.random.default_rng(order).permutation(len(cal))
+                cal, labels = cal[shuffle], labels[shuffle]
+            label = name
+            if cifar and len(draws) * args.cifar_orders > 1:
+                label += f" #{draw}" + (f".{order}" if args.cifar_orders > 1 else "")
             frl = find_frl(load_model(path).graph())[0]
             _, cal_resp = outputs(path, inp, frl, cal, batch)
             scores = infs_scores(cal_resp)
             base, base_resp = outputs(path, inp, frl, x, batch)
-            if draw == draws[0]:
+            if (draw, order) == (draws[0], 0):
                 print(
                     f"| {name} | 0 | unpruned | | 0% | 0% | {100 * (base == y).mean():.2f}% "
                     f"| 100% | 0 |",
                     flush=True,
                 )
-            labels = shared_data.calib_labels(name)
             settings = [(r, None) for r in ratios] + [(None, t) for t in targets]
             for ratio, target in settings:
                 kept_macs, chosen = None, {}  # chosen: the per-group ratios of each method
@@ -214,9 +231,13 @@ def main():
                             file=sys.stderr,
                             flush=True,
                         )
-    if len(draws) > 1:
+    if len(draws) * args.cifar_orders > 1:
+        orders = f", each in {args.cifar_orders} orders" if args.cifar_orders > 1 else ""
         print()
-        print(f"Means over the CIFAR-10 calibration draws {args.cifar_draws} (top-1: min-max):")
+        print(
+            f"Means over the CIFAR-10 calibration draws {args.cifar_draws}{orders} "
+            "(top-1: min-max):"
+        )
         print()
         print(HEADER)
         for (name, where, method, repair), rows in runs.items():
