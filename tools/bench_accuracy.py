@@ -128,6 +128,8 @@ def main():
     methods = args.methods.split(",")
     wanted = args.models.split(",") if args.models else None
     draws = [int(d) for d in args.cifar_draws.split(",")]
+    if args.cifar_orders < 1:
+        sys.exit("--cifar-orders: at least 1 (the images in their own order)")
     if not all(0 <= d < shared_data.cifar_draws(args.cifar_calib) for d in draws):
         sys.exit(
             f"--cifar-draws: CIFAR-10 has draws 0 to "
