@@ -86,6 +86,18 @@ def _cells(row) -> str:
     )
 
 
+def _runs(draws, orders, n_calib):
+    """(draw, order, calibration labels, model row) to run: every model on the first draw in
+    its own order, the CIFAR-10 models on every draw in every order (each draw loaded once)."""
+    for d in draws:
+        rows = shared_data.models(cifar_calib=n_calib, cifar_draw=d, cifar_only=d != draws[0])
+        labels = {row[0]: shared_data.calib_labels(row[0]) for row in rows}
+        for o in range(orders):
+            for row in rows:
+                if (d, o) == (draws[0], 0) or "ResNet" in row[0]:
+                    yield d, o, labels[row[0]], row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", help="comma-separated model names (default: all)")
@@ -141,19 +153,12 @@ def main():
     runs = {}  # (model, setting, method, repair): a row of numbers per calibration draw
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.onnx"
-        for draw, order, (name, path, inp, batch, cal, x, y) in (
-            (d, o, m)
-            for d in draws
-            for o in range(args.cifar_orders)
-            for m in shared_data.models(
-                cifar_calib=args.cifar_calib,
-                cifar_draw=d,
-                cifar_only=(d, o) != (draws[0], 0),
-            )
+        for draw, order, labels, (name, path, inp, batch, cal, x, y) in _runs(
+            draws, args.cifar_orders, args.cifar_calib
         ):
             if wanted and name not in wanted:
                 continue
-            cifar, labels = "ResNet" in name, shared_data.calib_labels(name)
+            cifar = "ResNet" in name
             if cifar and order:  # the same images in another order
                 shuffle = np.random.default_rng(order).permutation(len(cal))
                 cal, labels = cal[shuffle], labels[shuffle]
