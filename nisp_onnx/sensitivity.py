@@ -14,6 +14,7 @@ from .select import select
 
 STEPS = tuple(np.round(np.arange(10) / 10, 1))  # ratios tried per group
 SAMPLES = 32  # calibration inputs the damage is measured on
+TEMPERATURE = 8.0  # predictions are compared softened: logits / TEMPERATURE
 FILL_MEANS = True  # removed channels take their means where a repair follows (else zero)
 
 
@@ -98,7 +99,8 @@ def damage(
     round_to: int = 1,
     fill_means: bool = True,
 ) -> np.ndarray:
-    """[groups, STEPS]: KL divergence of the model's predictions from the original's when one
+    """[groups, STEPS]: KL divergence of the model's predictions (softened at TEMPERATURE,
+    so that the order of the runner-up classes counts too) from the original's when one
     group alone loses each ratio of STEPS of its channels (least important first), made
     non-decreasing in the ratio; zero for groups not to `measure`. Removed channels take
     their means when `fill_means` (a repair follows), else zero."""
@@ -124,9 +126,11 @@ def damage(
 
 
 def _log_probs(y: np.ndarray) -> np.ndarray:
-    """Log class probabilities from outputs that are logits, or already probabilities."""
+    """Log class probabilities at TEMPERATURE from outputs that are logits, or already
+    probabilities (whose logs are logits)."""
     y = y.reshape(len(y), -1).astype(np.float64)
     if (y >= 0).all() and np.allclose(y.sum(axis=1), 1, atol=1e-3):
-        return np.log(np.maximum(y, 1e-30))
+        y = np.log(np.maximum(y, 1e-30))
+    y = y / TEMPERATURE
     y = y - y.max(axis=1, keepdims=True)
     return y - np.log(np.exp(y).sum(axis=1, keepdims=True))

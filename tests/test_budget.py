@@ -6,9 +6,10 @@ import onnx
 import pytest
 from graphs import Builder
 from onnx import numpy_helper
+from scipy.special import log_softmax
 from test_rules import chain, inception, mobilenet, option_a, residual_activations
 
-from nisp_onnx import ArrayReader, NispError, analyze, load_model, prune, rewrite
+from nisp_onnx import ArrayReader, NispError, analyze, load_model, prune, rewrite, sensitivity
 from nisp_onnx.analyze import find_frl
 from nisp_onnx.budget import GlobalRanking, MacModel, Plan, allocate
 from nisp_onnx.calibrate import collect
@@ -141,6 +142,36 @@ def test_masked_model_and_damage_table():
     assert table.shape == (len(groups), len(STEPS))
     assert (table[:, 0] == 0).all() and (np.diff(table, axis=1) >= 0).all()
     assert table[:, -1].max() > 0
+
+
+def test_damage_is_the_kl_divergence_of_softened_predictions():
+    """Each entry is KL(p || q) of the softmax of the logits over TEMPERATURE, original p
+    against the cut model's q (zero-filled here), made non-decreasing along the steps."""
+    b, model = _wide_residual()
+    loaded, cg, cls, groups, imp = _plan(model, 0.5, 0)
+    batches = [b.feed(1), b.feed(2)]
+    i = next(k for k, g in enumerate(groups) if g.prunable >= 10)
+    table = damage(
+        cg,
+        loaded.proto,
+        batches,
+        groups,
+        cls,
+        imp,
+        [k == i for k in range(len(groups))],
+        fill_means=False,
+    )
+    masked = MaskedModel(cg, loaded.proto)
+    t = sensitivity.TEMPERATURE
+    logp = log_softmax(masked.run(batches, np.ones(cg.n_elements, bool)) / t, axis=1)
+    want = [0.0]
+    for ratio in STEPS[1:]:
+        ratios = [ratio if k == i else 0.0 for k in range(len(groups))]
+        logq = log_softmax(masked.run(batches, ~select(groups, cls, imp, ratios)[cls]) / t, axis=1)
+        want.append(float((np.exp(logp) * (logp - logq)).sum(1).mean()))
+    assert want[-1] > 1e-4  # the cut changes the predictions measurably
+    np.testing.assert_allclose(table[i], np.maximum.accumulate(want), rtol=1e-4, atol=1e-9)
+    assert (np.delete(table, i, axis=0) == 0).all()
 
 
 def test_removed_channels_take_their_means_in_the_damage_measure():
