@@ -6,7 +6,7 @@ import onnx
 import pytest
 from graphs import Builder
 from onnx import numpy_helper
-from scipy.special import log_softmax
+from scipy.special import log_softmax, softmax
 from test_rules import chain, inception, mobilenet, option_a, residual_activations
 
 from nisp_onnx import ArrayReader, NispError, analyze, load_model, prune, rewrite, sensitivity
@@ -172,6 +172,14 @@ def test_damage_is_the_kl_divergence_of_softened_predictions():
     assert want[-1] > 1e-4  # the cut changes the predictions measurably
     np.testing.assert_allclose(table[i], np.maximum.accumulate(want), rtol=1e-4, atol=1e-9)
     assert (np.delete(table, i, axis=0) == 0).all()
+
+
+def test_probability_outputs_are_softened_like_their_logits():
+    """A model whose output is already a softmax is compared as its logits would be."""
+    z = np.random.default_rng(0).normal(size=(5, 7)) * 3
+    want = log_softmax(z / sensitivity.TEMPERATURE, axis=1)
+    np.testing.assert_allclose(sensitivity._log_probs(z), want, atol=1e-9)
+    np.testing.assert_allclose(sensitivity._log_probs(softmax(z, axis=1)), want, atol=1e-9)
 
 
 def test_removed_channels_take_their_means_in_the_damage_measure():
