@@ -22,7 +22,7 @@ from .repair import repair as fit_layers
 from .report import Gate, GroupReport, Report
 from .rewrite import rewrite
 from .sensitivity import damage
-from .verify import check, count, infer_shapes, node_macs, proto_bytes
+from .verify import check, count, data_inputs, infer_shapes, node_macs, proto_bytes, static_dims
 
 
 def prune(
@@ -206,12 +206,9 @@ def prune(
 
 def _fixed_batch(loaded: LoadedModel) -> int | None:
     """The batch size the model's first input fixes, or None when it is dynamic."""
-    inits = {t.name for t in loaded.proto.graph.initializer}
-    for inp in loaded.proto.graph.input:
-        if inp.name not in inits:
-            dims = inp.type.tensor_type.shape.dim
-            return dims[0].dim_value or None if dims else None
-    return None
+    inputs = data_inputs(loaded.proto.graph)
+    dims = static_dims(inputs[0]) if inputs else []
+    return dims[0] or None if dims else None
 
 
 def _gates(

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from .errors import NispError
-from .verify import inline, on_disk
+from .verify import data_inputs, inline, on_disk
 
 ORT_TYPES = {  # onnxruntime's type names to numpy dtypes
     "tensor(float)": np.float32,
@@ -36,14 +36,12 @@ def samples_per_run(proto: onnx.ModelProto, names: Sequence[str]) -> int | None:
     """How many samples one run of `proto` returning `names` may take to stay within
     MAX_RUN_BYTES (from the inferred shapes); None where the batch cannot be split (a fixed
     batch, inputs that do not share one symbolic batch dimension, or shapes not known)."""
-    inits = {t.name for t in proto.graph.initializer}
     batch = set()
-    for inp in proto.graph.input:
+    for inp in data_inputs(proto.graph):
         dims = inp.type.tensor_type.shape.dim
-        if inp.name not in inits:
-            if not dims or dims[0].HasField("dim_value"):
-                return None
-            batch.add(dims[0].dim_param)
+        if not dims or dims[0].HasField("dim_value"):
+            return None
+        batch.add(dims[0].dim_param)
     if len(batch) != 1:
         return None
     infos = {vi.name: vi for vi in [*proto.graph.value_info, *proto.graph.output]}

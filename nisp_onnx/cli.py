@@ -19,6 +19,7 @@ from .explain import explain
 from .model_io import LoadedModel, external_files_of, load_model, output_files
 from .readers import ArrayReader, ImageFolderReader, model_preprocess
 from .repair import MODES
+from .verify import data_inputs, static_dims
 
 log = logging.getLogger("nisp_onnx")
 
@@ -191,8 +192,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _input_info(proto: onnx.ModelProto) -> tuple[list[str], list, int | None]:
     """(input names, shape of the first input, fixed batch size or None)."""
-    inits = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
+    inputs = data_inputs(proto.graph)
     if not inputs:
         return [], [], None
     dims = [
@@ -250,14 +250,9 @@ def _enough(args: argparse.Namespace, available: int) -> None:
 
 def _dry_run_shapes(proto: onnx.ModelProto, size: list[int] | None) -> dict[str, tuple]:
     """Input shapes for counting MACs: batch 1, --size for the last two dimensions."""
-    inits = {t.name for t in proto.graph.initializer}
     shapes = {}
-    for inp in proto.graph.input:
-        if inp.name in inits:
-            continue
-        dims = [
-            d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim
-        ]
+    for inp in data_inputs(proto.graph):
+        dims = static_dims(inp)
         if not dims:
             raise NispError(f"input {inp.name!r} has no shape in the model; re-export it with one")
         dims[:1] = [1]

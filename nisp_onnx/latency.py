@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 from .calibrate import ORT_TYPES
 from .errors import NispError
+from .verify import data_inputs, static_dims
 
 Model = onnx.ModelProto | str | os.PathLike
 
@@ -87,14 +88,9 @@ def input_shapes(model: Model) -> dict[str, tuple]:
     proto = (
         model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
     )
-    inits = {t.name for t in proto.graph.initializer}
     shapes = {}
-    for inp in proto.graph.input:
-        if inp.name in inits:
-            continue
-        dims = [
-            d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim
-        ]
+    for inp in data_inputs(proto.graph):
+        dims = static_dims(inp)
         if dims and dims[0] is None:
             dims[0] = 1
         if None in dims:

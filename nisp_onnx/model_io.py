@@ -17,7 +17,7 @@ from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
 from .errors import NispError
 from .resources import Cost, measure
 from .shapes import data_weights, fold_run_time_shapes
-from .verify import infer_shapes, inline, proto_bytes, skeleton
+from .verify import data_inputs, infer_shapes, inline, proto_bytes, skeleton
 
 TWO_GB = 2**31
 
@@ -112,8 +112,7 @@ def _check_graph(proto: onnx.ModelProto, path: Path | None) -> None:
     models, graphs without inputs or outputs, and anything onnxruntime cannot load."""
     where = path or "model"
     _check_domains(proto, where)
-    inits = {t.name for t in proto.graph.initializer}
-    if not [i for i in proto.graph.input if i.name not in inits]:
+    if not data_inputs(proto.graph):
         raise NispError(f"{where}: the graph has no inputs to feed calibration data to")
     if not proto.graph.output:
         raise NispError(f"{where}: the graph has no outputs")

@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .calibrate import session
-from .verify import is_large
+from .verify import data_inputs, is_large
 
 _SHAPE_SOURCES = {"Shape", "Size"}
 _BATCHES = (2, 3)
@@ -96,7 +96,7 @@ def data_weights(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """The large initializers that only nodes reading run-time data consume (Conv, Gemm,
     MatMul weights): folding constants never needs their values. {name: initializer}."""
     graph = proto.graph
-    data = {t.name for t in graph.input} - {t.name for t in graph.initializer}
+    data = {i.name for i in data_inputs(graph)}
     for node in graph.node:
         if node.op_type not in _SHAPE_SOURCES and any(t in data for t in node.input):
             data.update(node.output)
@@ -157,11 +157,8 @@ def _probes(graph: onnx.GraphProto, frontier: list[str], consumers: dict) -> dic
 def _feeds(graph: onnx.GraphProto, batch: int) -> dict[str, np.ndarray] | None:
     """Random inputs with every unknown dimension set to `batch`; None when the unknown
     dimensions are not one and the same."""
-    init = {t.name for t in graph.initializer}
     feeds, symbols = {}, set()
-    for inp in graph.input:
-        if inp.name in init:
-            continue
+    for inp in data_inputs(graph):
         tt = inp.type.tensor_type
         shape = []
         for d in tt.shape.dim:

@@ -38,6 +38,17 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return t.ByteSize()
 
 
+def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs fed at run time (initializers listed as inputs left out)."""
+    inits = {t.name for t in graph.initializer}
+    return [i for i in graph.input if i.name not in inits]
+
+
+def static_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
+    """A value's dimensions, None where one is not a fixed number."""
+    return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+
 def inline(proto: onnx.ModelProto) -> bool:
     """Whether `proto` fits one protobuf (under 2 GB, with room to spare)."""
     return proto_bytes(proto) < INLINE_LIMIT
@@ -196,8 +207,7 @@ def node_macs(proto: onnx.ModelProto, input_shapes: dict[str, tuple]) -> dict[st
     m = _fixed_inputs(proto, input_shapes)
     shapes = {}
     for vi in [*m.graph.value_info, *m.graph.input, *m.graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        shapes[vi.name] = static_dims(vi)
     inits = {t.name: tuple(t.dims) for t in m.graph.initializer}
     for node in m.graph.node:
         if node.op_type == "Constant":
