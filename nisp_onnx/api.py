@@ -208,7 +208,7 @@ def _fixed_batch(loaded: LoadedModel) -> int | None:
     """The batch size the model's first input fixes, or None when it is dynamic."""
     inputs = data_inputs(loaded.proto.graph)
     dims = static_dims(inputs[0]) if inputs else []
-    return dims[0] or None if dims else None
+    return (dims[0] or None) if dims else None
 
 
 def _gates(
