@@ -4,32 +4,40 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .analyze import analyze, find_frl
 from .budget import MacModel, Plan, allocate
-from .calibrate import collect, hold_back, predict
-from .channels import ChannelGroup
+from .calibrate import Calibration, collect, hold_back, predict
+from .channels import ChannelGraph, ChannelGroup
 from .criteria import Context, get_criterion
 from .errors import GateFailed, NispError
 from .latency import compare
 from .model_io import LoadedModel, export, load_model, save_model
+from .progress import showing
 from .repair import MODES
 from .repair import repair as fit_layers
-from .report import Gate, GroupReport, Report
+from .report import Gate, GroupReport, Report, percent, signed
 from .rewrite import rewrite
+from .search import FLOOR, largest_cut
 from .sensitivity import damage
 from .verify import check, count, data_inputs, infer_shapes, node_macs, proto_bytes, static_dims
+
+DEFAULT_HOLDOUT = 0.2  # fraction of the calibration samples held back to measure on
+MIN_HELD_BACK = 10  # fewer held-back samples than this measure too little to be worth it
+LOW_AGREEMENT = 0.9  # below this top-1 agreement, a warning heads the summary
 
 
 def prune(
     model_input: str | os.PathLike | onnx.ModelProto | LoadedModel,
     model_output: str | os.PathLike | None,
     calibration_data_reader: object,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     *,
     frl: str | None = None,
     exclude: Iterable[str] = (),
@@ -42,50 +50,90 @@ def prune(
     max_layer_ratio: float = 1.0,
     target_macs: float | None = None,
     round_to: int = 1,
-    holdout: float = 0.0,
+    holdout: float | None = None,
     min_agreement: float | None = None,
     max_accuracy_drop: float | None = None,
     min_macs_reduction: float | None = None,
     keep_on_fail: bool = False,
+    overwrite: bool = False,
     benchmark_threads: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Report:
-    """Prune `ratio` of the channels of every channel group of a model with NISP + Inf-FS.
+    """Prune a model with NISP + Inf-FS and write it to `model_output` (None writes nothing).
 
     `calibration_data_reader` is any object whose `get_next()` returns `{input: batch}` or
-    None (onnxruntime's `CalibrationDataReader` works). The model is verified (full checker,
-    an onnxruntime session, top-1 agreement on the calibration inputs) before it is written
-    to `model_output` (None writes nothing). `labels`, when given, align with the samples read
-    (readers with a `labels` attribute provide them themselves). `criterion` is a name from
-    `CRITERIA` or an object with `importance(ctx)` (see `criteria.py`). `repair` is "ls"
-    (least-squares refit of every layer that reads pruned channels), "bias" (bias
+    None (onnxruntime's `CalibrationDataReader` works). `labels`, when given, align with the
+    samples read (readers with a `labels` attribute provide them themselves). `criterion` is
+    a name from `CRITERIA` or an object with `importance(ctx)` (see `criteria.py`). `repair`
+    is "ls" (least-squares refit of every layer that reads pruned channels), "bias" (bias
     compensation only) or "none".
 
-    How much goes where: `layer_ratio` maps node-name globs to ratios for the groups holding
-    a matching node; `global_ranking` ranks all other groups' channels together (scores
-    divided by their group's mean) and removes `ratio` of them, no group losing more than
-    `max_layer_ratio`; `target_macs` instead chooses the ratios so that the model keeps that
-    fraction of its MACs, from each group's measured sensitivity (or in the global order with
-    `global_ranking`); `round_to` keeps channel counts multiples of N.
+    How much goes where. By default (no `ratio`, no `target_macs`) the largest MACs cut is
+    searched for whose top-1 agreement with the original on held-back inputs stays at or
+    above `min_agreement` (default 0.99). `ratio` removes that fraction of every channel
+    group; `target_macs` keeps that fraction of the MACs, with ratios per group from each
+    group's measured sensitivity (or in the global order with `global_ranking`, which with
+    `ratio` ranks all groups' channels together, scores divided by their group's mean).
+    `layer_ratio` maps node-name globs to ratios for the groups holding a matching node; no
+    group loses more than `max_layer_ratio`; `round_to` keeps channel counts multiples of N.
     `global_ranking=None` takes the criterion's own default (bn-scale ranks globally).
 
-    Quality gates: `holdout` keeps that fraction of the calibration samples back from scoring
-    and repair, to measure agreement and accuracy on; `min_agreement` (top-1 agreement with
-    the original), `max_accuracy_drop` (needs labels) and `min_macs_reduction` are fractions.
-    A failed gate raises `GateFailed` (its `report` says by how much) and writes nothing,
-    unless `keep_on_fail`.
+    Measuring and gates: `holdout` keeps that fraction of the calibration samples back from
+    scoring and repair to measure agreement and accuracy on (default 0.2 when that holds
+    back at least 10 samples, else 0: measured on the samples repair saw, with a warning);
+    `min_agreement` (top-1 agreement with the original), `max_accuracy_drop` (needs labels)
+    and `min_macs_reduction` are fractions. A failed gate raises `GateFailed` (its `report`
+    says by how much) and writes nothing, unless `keep_on_fail`. An existing `model_output`
+    is replaced only with `overwrite`.
 
     `benchmark_threads` measures the CPU latency of the original and the pruned model side
     by side, at batch 1 and 32 with that many onnxruntime threads (`report.benchmark`).
+    `progress` shows each long stage (a bar on a terminal, a line per stage elsewhere).
     """
+    with showing(progress):
+        return _prune(**locals())
+
+
+def _prune(
+    model_input: str | os.PathLike | onnx.ModelProto | LoadedModel,
+    model_output: str | os.PathLike | None,
+    calibration_data_reader: object,
+    ratio: float | None,
+    *,
+    frl: str | None,
+    exclude: Iterable[str],
+    num_samples: int | None,
+    labels: np.ndarray | None,
+    criterion: str | object,
+    repair: str,
+    layer_ratio: dict[str, float] | None,
+    global_ranking: bool | None,
+    max_layer_ratio: float,
+    target_macs: float | None,
+    round_to: int,
+    holdout: float | None,
+    min_agreement: float | None,
+    max_accuracy_drop: float | None,
+    min_macs_reduction: float | None,
+    keep_on_fail: bool,
+    overwrite: bool,
+    benchmark_threads: int | None,
+    seed: int,
+    progress: bool,
+) -> Report:
     if repair not in MODES:
         raise NispError(f"--repair must be one of {', '.join(MODES)}, got {repair!r}")
+    if model_output is not None and Path(model_output).exists() and not overwrite:
+        raise NispError(f"{model_output}: already exists; pass overwrite=True to replace it")
     crit = get_criterion(criterion)
     name = getattr(crit, "name", type(crit).__name__)
     crit_global = getattr(crit, "ranking", "group") == "global"
+    auto = ratio is None and target_macs is None
+    if auto and min_agreement is None:
+        min_agreement = FLOOR
     plan = Plan(
-        ratio,
+        0.0 if ratio is None else ratio,
         dict(layer_ratio or {}),
         crit_global if global_ranking is None else global_ranking,
         not crit_global,
@@ -96,7 +144,7 @@ def prune(
     )
     plan.check()
     gates = _gates(min_agreement, max_accuracy_drop, min_macs_reduction)
-    if not 0 <= holdout < 1:
+    if holdout is not None and not 0 <= holdout < 1:
         raise NispError(f"--holdout must be in [0, 1), got {holdout}")
     report = Report(
         "",
@@ -106,8 +154,11 @@ def prune(
         frl or "",
         0,
         repair=repair,
+        mode="auto" if auto else "target-macs" if target_macs is not None else "ratio",
+        target_macs=target_macs,
+        min_agreement=min_agreement,
     )
-    report.plan = plan.describe()
+    report.plan = _describe(plan, auto, min_agreement)
     loaded = load_model(model_input)
     report.record("load", loaded.cost)
     report.model_input = str(loaded.path or "<model>")
@@ -123,50 +174,68 @@ def prune(
             raise NispError(f"--frl {frl!r}: the model has no tensor of that name")
         report.frl = frl
     with report.stage("calibrate"):
-        calib = collect(loaded.proto, calibration_data_reader, frl, num_samples, progress)
+        calib = collect(loaded.proto, calibration_data_reader, frl, num_samples)
         labels = labels if labels is not None else getattr(calibration_data_reader, "labels", None)
         if labels is not None and len(labels) != calib.count:
             labels = None
-        calib, held, labels, held_labels = hold_back(calib, labels, holdout, _fixed_batch(loaded))
+        fixed = _fixed_batch(loaded)
+        fraction = _holdout(holdout, calib.count, fixed, auto)
+        calib, held, labels, held_labels = hold_back(calib, labels, fraction, fixed)
         report.samples, report.held_out = calib.count, held.count if held else 0
     with report.stage("score"):
         element_class = cg.classes()
         ctx = Context(cg, element_class, frl, calib, loaded.proto, seed, labels)
         importance = np.asarray(crit.importance(ctx), dtype=np.float64)
-    with report.stage("select"):
-        groups = cg.groups(element_class)
-        shapes = {k: v.shape for k, v in calib.batches[0].items()}
-        base = node_macs(loaded.proto, shapes)
-        sensitivity = partial(
-            damage, cg, loaded.proto, calib.batches, groups, element_class, importance
-        )
-        removed = allocate(
-            groups,
-            element_class,
-            importance,
-            plan,
-            MacModel(cg, base),
-            lambda measure: sensitivity(measure, plan.min_keep, plan.round_to, repair != "none"),
-        )
-        report.groups = [_group_report(g, removed) for g in groups]
-    with report.stage("rewrite"):
-        keep = ~removed[element_class]
-        changed = {sp.tensor for sp in cg.spaces if not keep[sp.elements].all()}
-        out_keep = {
-            n.name: (sp.axis, keep[sp.elements])
-            for n in graph.nodes
-            if n.outputs and (sp := cg.space(n.outputs[0])) is not None
-        }
-        if (frl_space := cg.by_tensor.get(frl)) is not None:
-            report.frl_kept = np.flatnonzero(keep[frl_space.elements]).tolist()
-        graph = rewrite(cg, keep)
-    with report.stage("repair"):
-        report.layers = fit_layers(
-            graph, loaded.proto, changed, out_keep, calib.batches, repair, seed
-        )
+    groups = cg.groups(element_class)
+    report.groups = [_group_report(g, np.zeros(len(importance), bool)) for g in groups]
+    shapes = {k: v.shape for k, v in calib.batches[0].items()}
+    macs = MacModel(cg, node_macs(loaded.proto, shapes))
+    table = _Sensitivity(cg, loaded.proto, calib.batches, groups, element_class, importance)
+
+    def choose(p: Plan) -> np.ndarray:
+        measure = partial(table, min_keep=p.min_keep, round_to=p.round_to, fill=repair != "none")
+        return allocate(groups, element_class, importance, p, macs, measure)
+
+    def cut(removed: np.ndarray, fresh: bool) -> _Cut:
+        space = analyze(loaded.graph(), opset, exclude) if fresh else cg
+        return _cut(space, loaded.proto, ~removed[element_class], frl, calib, repair, seed)
+
+    if auto:
+        with report.stage("search"):
+
+            def probe(target: float) -> tuple[float, float, tuple[np.ndarray, _Cut]]:
+                removed = choose(replace(plan, target_macs=target))
+                candidate = cut(removed, fresh=True)
+                agreement = float(
+                    (predict(candidate.proto, held.batches) == held.predictions).mean()
+                )
+                return (
+                    1 - macs.macs(~removed[element_class]) / macs.total,
+                    agreement,
+                    (removed, candidate),
+                )
+
+            found = largest_cut(probe, min_agreement)
+            report.search = [asdict(p) for p in found.probes]
+            if found.best is None:
+                report.warnings.append(
+                    f"no cut tried kept top-1 agreement >= {percent(min_agreement)} on the "
+                    "held-back inputs: the model is written unpruned"
+                )
+                removed = np.zeros(len(importance), bool)
+                built = cut(removed, fresh=False)
+            else:
+                removed, built = found.best
+                report.plan += f": kept {found.kept.target_macs:g} of the MACs"
+    else:
+        with report.stage("select"):
+            removed = choose(plan)
+        with report.stage("rewrite and repair"):
+            built = cut(removed, fresh=False)
+    report.groups = [_group_report(g, removed) for g in groups]
+    report.layers, report.frl_kept = built.layers, built.frl_kept
+    pruned = built.proto
     with report.stage("verify"):
-        pruned = infer_shapes(export(graph, loaded.proto))
-        check(pruned)
         evaluation, eval_labels = (held, held_labels) if held else (calib, labels)
         preds = predict(pruned, evaluation.batches)
         report.agreement = float((preds == evaluation.predictions).mean())
@@ -184,6 +253,7 @@ def prune(
                 "threads": benchmark_threads,
                 "batches": [t.to_dict() for t in timed],
             }
+    report.warnings += _warnings(report, holdout)
     report.size_after = proto_bytes(pruned)
     if model_output is not None and (report.passed or keep_on_fail):
         with report.stage("write"):
@@ -202,6 +272,110 @@ def prune(
             report,
         )
     return report
+
+
+@dataclass
+class _Cut:
+    """A pruned and repaired model."""
+
+    proto: onnx.ModelProto
+    layers: list
+    frl_kept: list[int]
+
+
+def _cut(
+    cg: ChannelGraph,
+    original: onnx.ModelProto,
+    keep: np.ndarray,
+    frl: str,
+    calib: Calibration,
+    repair: str,
+    seed: int,
+) -> _Cut:
+    """Rewrite `cg`'s graph to the kept elements (in place), repair it, check the result."""
+    changed = {sp.tensor for sp in cg.spaces if not keep[sp.elements].all()}
+    out_keep = {
+        n.name: (sp.axis, keep[sp.elements])
+        for n in cg.graph.nodes
+        if n.outputs and (sp := cg.space(n.outputs[0])) is not None
+    }
+    frl_space = cg.by_tensor.get(frl)
+    frl_kept = [] if frl_space is None else np.flatnonzero(keep[frl_space.elements]).tolist()
+    graph = rewrite(cg, keep)
+    layers = fit_layers(graph, original, changed, out_keep, calib.batches, repair, seed)
+    pruned = infer_shapes(export(graph, original))
+    check(pruned)
+    return _Cut(pruned, layers, frl_kept)
+
+
+class _Sensitivity:
+    """The damage table of `sensitivity.damage`, measured once per setting and reused."""
+
+    def __init__(self, *args: object):
+        self.args = args
+        self.tables: dict[tuple, np.ndarray] = {}
+
+    def __call__(
+        self, measure: list[bool], *, min_keep: int, round_to: int, fill: bool
+    ) -> np.ndarray:
+        key = (tuple(measure), min_keep, round_to, fill)
+        if key not in self.tables:
+            self.tables[key] = damage(*self.args, measure, min_keep, round_to, fill)
+        return self.tables[key]
+
+
+def _describe(plan: Plan, auto: bool, floor: float | None) -> str:
+    if not auto:
+        return plan.describe()
+    how = f"largest cut at agreement >= {floor:g}"
+    rest = replace(plan, ratio=0.0).describe().removeprefix("ratio 0.0")
+    return how + rest.removeprefix("global ")
+
+
+def _holdout(holdout: float | None, n: int, fixed_batch: int | None, auto: bool) -> float:
+    """The fraction of samples to hold back: as given, else DEFAULT_HOLDOUT when that gives
+    at least MIN_HELD_BACK samples (0 otherwise; the default mode then cannot run)."""
+    if holdout is not None:
+        if auto and holdout == 0:
+            raise NispError(
+                "--holdout 0: the default mode chooses the cut on held-back inputs; "
+                "give --holdout > 0, or --ratio or --target-macs"
+            )
+        return holdout
+    step = fixed_batch or 1
+    held = round(n * DEFAULT_HOLDOUT / step) * step
+    if MIN_HELD_BACK <= held < n:
+        return DEFAULT_HOLDOUT
+    if auto:
+        raise NispError(
+            f"{n} calibration inputs are too few for the default mode, which holds back "
+            f"{DEFAULT_HOLDOUT:.0%} of them (at least {MIN_HELD_BACK}) to choose the cut on; "
+            "give more inputs, or choose the cut with --ratio or --target-macs"
+        )
+    return 0.0
+
+
+def _warnings(r: Report, holdout: float | None) -> list[str]:
+    """What a user must not miss, for the top of the summary."""
+    out = []
+    if not r.held_out:
+        why = "--holdout 0" if holdout == 0 else f"too few to hold back {MIN_HELD_BACK}"
+        out.append(
+            f"agreement and accuracy are measured on the {r.samples} calibration inputs that "
+            f"repair fitted ({why}), not on unseen ones"
+        )
+    if r.agreement is not None and r.agreement < LOW_AGREEMENT:
+        out.append(
+            f"the pruned model agrees with the original on only {percent(r.agreement)} of the "
+            f"{r.evaluated_on}"
+        )
+    for b in (r.benchmark or {}).get("batches", []):
+        if b["pruned_ms"] > b["original_ms"]:
+            out.append(
+                f"the pruned model is slower at batch {b['batch_size']}: {b['original_ms']:.2f} ms"
+                f" -> {b['pruned_ms']:.2f} ms ({signed(-b['reduction'])})"
+            )
+    return out
 
 
 def _fixed_batch(loaded: LoadedModel) -> int | None:

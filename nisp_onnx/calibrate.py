@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
 from .errors import NispError
+from .progress import Progress
 from .verify import data_inputs, inline, on_disk
 
 ORT_TYPES = {  # onnxruntime's type names to numpy dtypes
@@ -152,14 +152,14 @@ def collect(
     reader: object,
     frl: str,
     num_samples: int | None = None,
-    progress: bool = False,
 ) -> Calibration:
     """Run `proto` over batches from `reader` (up to `num_samples`), keeping the FRL responses."""
     sess = session(proto, (frl,))
     first = sess.get_outputs()[0].name
     batches, responses, preds = [], [], []
     seen = 0
-    bar = tqdm(total=num_samples, desc="calibrating", unit="img", disable=not progress)
+    total = min((n for n in (num_samples, _length(reader)) if n is not None), default=None)
+    bar = Progress("calibration", total, "input")
     while num_samples is None or seen < num_samples:
         batch = reader.get_next()
         if batch is None:
@@ -187,6 +187,14 @@ def collect(
         raise NispError("the calibration reader gave no data")
     shape = tuple(resp.shape[1:])
     return Calibration(batches, np.concatenate(responses), np.concatenate(preds), shape)
+
+
+def _length(reader: object) -> int | None:
+    """How many inputs a reader holds, where it says (onnxruntime's base class raises)."""
+    try:
+        return len(reader)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        return None
 
 
 def predict(proto: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> np.ndarray:

@@ -12,19 +12,30 @@ from pathlib import Path
 import onnx
 
 from . import __version__
-from .api import prune
+from .api import DEFAULT_HOLDOUT, MIN_HELD_BACK, prune
 from .criteria import CRITERIA
 from .errors import EXIT_GATE, EXIT_INTERNAL, EXIT_OK, EXIT_USER, GateFailed, NispError
 from .explain import explain
 from .model_io import LoadedModel, external_files_of, load_model, output_files
 from .readers import ArrayReader, ImageFolderReader, model_preprocess
 from .repair import MODES
+from .search import FLOOR
 from .verify import data_inputs, static_dims
 
 log = logging.getLogger("nisp_onnx")
 
 DEFAULT_SAMPLES = 256
-GATE_HOLDOUT = 0.2
+DRY_RUN_RATIO = 0.5  # what --dry-run shows where the ratios need calibration data
+EPILOG = """exit codes: 0 success; 2 user error (bad file, flag or calibration data), nothing
+written; 3 a quality gate failed, the model not written unless --keep-on-fail; 4 internal
+error (a bug: rerun with -v and report it).
+
+examples:
+  nisp-onnx model.onnx pruned.onnx --calib images/
+      the largest cut that keeps 99% top-1 agreement on held-back images
+  nisp-onnx model.onnx pruned.onnx --calib images/ --target-macs 0.7 --min-agreement 0.95
+      keep 70% of the MACs; exit 3 if held-back agreement falls below 95%
+"""
 BUG_REPORT = (
     "this is a bug in nisp-onnx: please report it with the command line and the output of "
     "the same command with -v (see README, Reporting bugs)"
@@ -35,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nisp-onnx",
         description="Prune an ONNX CNN with NISP (Neuron Importance Score Propagation): "
-        "whole channels are removed, the output runs on any onnxruntime provider.",
+        "whole channels are removed, the output runs on any onnxruntime provider. By default "
+        f"the largest MACs cut is searched for whose top-1 agreement with the original on "
+        f"held-back calibration inputs stays at or above --min-agreement ({FLOOR:g}).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="the ONNX model to prune")
     p.add_argument("output", nargs="?", help="where to write the pruned model")
@@ -52,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ratio",
         type=float,
-        default=0.5,
-        help="fraction of channels removed from every channel group, in [0, 1)",
+        help="fraction of channels removed from every channel group, in [0, 1) (default: "
+        "none, the largest cut at --min-agreement)",
     )
     d = p.add_argument_group("calibration data")
     d.add_argument(
@@ -62,8 +77,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"calibration inputs to use (default: up to {DEFAULT_SAMPLES}; "
         "an error if fewer are there)",
     )
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--seed", type=int, default=0, help="seed for sampling calibration images")
+    d.add_argument("--batch-size", type=int, default=32, help="default 32")
+    d.add_argument(
+        "--seed", type=int, default=0, help="seed for sampling calibration images (default 0)"
+    )
     i = p.add_argument_group("image preprocessing (defaults read from the model input)")
     i.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input size")
     i.add_argument(
@@ -106,28 +123,29 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="rank channels of all groups together (scores normalised per group) and remove "
-        "--ratio of them",
+        "--ratio of them, or meet --target-macs in that order",
     )
     a.add_argument(
         "--max-layer-ratio",
         type=float,
         default=1.0,
         metavar="R",
-        help="with --global or --target-macs: no group loses more than R of its channels",
+        help="with --global or --target-macs: no group loses more than R of its channels "
+        "(default 1)",
     )
     a.add_argument(
         "--target-macs",
         type=float,
         metavar="F",
-        help="keep the fraction F of the model's MACs (cuts follow the global ranking; "
-        "--ratio is ignored)",
+        help="keep the fraction F of the model's MACs, with ratios per group from each group's "
+        "measured sensitivity (in the global ranking's order with --global)",
     )
     a.add_argument(
         "--round-to",
         type=int,
         default=1,
         metavar="N",
-        help="kept channel counts are multiples of N (for fast kernels)",
+        help="kept channel counts are multiples of N (for fast kernels; default 1)",
     )
     r = p.add_argument_group("repair (after pruning, from the calibration data)")
     r.add_argument(
@@ -145,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
         "--min-agreement",
         type=float,
         metavar="A",
-        help="top-1 agreement of pruned and original on held-back calibration inputs",
+        help="top-1 agreement of pruned and original on held-back calibration inputs: the "
+        f"floor of the default mode (default {FLOOR:g}), a gate with --ratio or --target-macs",
     )
     g.add_argument(
         "--max-accuracy-drop",
@@ -158,8 +177,9 @@ def _parser() -> argparse.ArgumentParser:
         "--holdout",
         type=float,
         metavar="F",
-        help="fraction of calibration inputs kept back for measuring agreement and accuracy "
-        f"(default {GATE_HOLDOUT} with --min-agreement or --max-accuracy-drop, else 0)",
+        help="fraction of calibration inputs kept back from scoring and repair, for measuring "
+        f"agreement and accuracy (default {DEFAULT_HOLDOUT} when that is at least "
+        f"{MIN_HELD_BACK} inputs, else 0)",
     )
     g.add_argument(
         "--keep-on-fail", action="store_true", help="write the model even when a gate fails"
@@ -179,12 +199,13 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--summary-md", metavar="FILE.md", help="write a Markdown summary (CI logs, PR comments)"
     )
-    o.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    o.add_argument("-q", "--quiet", action="store_true", help="print errors only, no progress")
     o.add_argument(
         "-v",
         "--verbose",
         action="store_true",
-        help="print every channel group, and the traceback of internal errors",
+        help="print every channel group with its nodes, every repaired layer, and the "
+        "traceback of internal errors",
     )
     p.add_argument("--version", action="version", version=f"nisp-onnx {__version__}")
     return p
@@ -264,6 +285,32 @@ def _dry_run_shapes(proto: onnx.ModelProto, size: list[int] | None) -> dict[str,
     return shapes
 
 
+def _dry_run_notes(args: argparse.Namespace) -> list[str]:
+    """What a dry run cannot plan without calibration data, and what it shows instead."""
+    shown = f"the groups below are shown at the uniform ratio {DRY_RUN_RATIO:g}"
+    if args.target_macs is not None:
+        how = (
+            "in the global ranking, from channel scores"
+            if args.global_ranking
+            else ("from each group's sensitivity")
+        )
+        return [
+            f"--target-macs {args.target_macs:g} chooses ratios {how} measured on "
+            f"calibration data; {shown}"
+        ]
+    if args.ratio is None:
+        return [
+            f"the default mode searches for the largest cut at --min-agreement on "
+            f"calibration data; {shown} (pass --ratio R to see another)"
+        ]
+    if args.global_ranking:
+        return [
+            f"--global ranks channels by scores measured on calibration data; the groups "
+            f"below are shown at the uniform ratio {args.ratio:g}"
+        ]
+    return []
+
+
 def _pattern_ratio(text: str) -> tuple[str, float]:
     pattern, sep, value = text.rpartition("=")
     try:
@@ -299,23 +346,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         format="%(message)s", stream=sys.stderr, level=logging.ERROR if args.quiet else logging.INFO
     )
-    if not 0 <= args.ratio < 1:
+    if args.ratio is not None and not 0 <= args.ratio < 1:
         raise NispError(f"--ratio must be in [0, 1), got {args.ratio}")
     layer_ratio = dict(_pattern_ratio(v) for v in args.layer_ratio)
     if args.dry_run:
         model = load_model(args.input)
         shapes = _dry_run_shapes(model.proto, args.size)
-        print(explain(model, shapes, args.ratio, args.exclude, layer_ratio, args.round_to))
+        planned = args.ratio is not None and args.target_macs is None
+        ratio = args.ratio if planned else DRY_RUN_RATIO
+        plan = explain(model, shapes, ratio, args.exclude, layer_ratio, args.round_to)
+        print("\n".join([*(f"note: {n}" for n in _dry_run_notes(args)), plan]))
         return EXIT_OK
     if args.output is None or args.calib is None:
         raise NispError("give the output model and --calib (or --dry-run to only look)")
     _check_files(args)
     model = load_model(args.input)
     reader = _reader(args, model)
-    holdout = args.holdout
-    if holdout is None:
-        gated = args.min_agreement is not None or args.max_accuracy_drop is not None
-        holdout = GATE_HOLDOUT if gated else 0.0
     try:
         report = prune(
             model,
@@ -332,14 +378,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             max_layer_ratio=args.max_layer_ratio,
             target_macs=args.target_macs,
             round_to=args.round_to,
-            holdout=holdout,
+            holdout=args.holdout,
             min_agreement=args.min_agreement,
             max_accuracy_drop=args.max_accuracy_drop,
             min_macs_reduction=args.min_macs_reduction,
             keep_on_fail=args.keep_on_fail,
+            overwrite=args.force,
             benchmark_threads=args.benchmark,
             seed=args.seed,
-            progress=not args.quiet and sys.stderr.isatty(),
+            progress=not args.quiet,
         )
         failure = None
     except GateFailed as e:

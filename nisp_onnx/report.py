@@ -10,8 +10,9 @@ from pathlib import Path
 
 from .repair import LayerRepair
 from .resources import Cost, measure
+from .sensitivity import SAMPLES as SENSITIVITY_SAMPLES
 
-REPORT_VERSION = 2  # the schema is nisp_onnx/report.schema.json
+REPORT_VERSION = 3  # the schema is nisp_onnx/report.schema.json
 
 
 @dataclass
@@ -42,12 +43,17 @@ class Report:
 
     model_input: str
     model_output: str
-    ratio: float
+    ratio: float | None  # --ratio, None when not given
     criterion: str
     frl: str
     samples: int
     preprocess: str | None = None
+    mode: str = "ratio"  # ratio | target-macs | auto (the largest cut at --min-agreement)
+    target_macs: float | None = None
+    min_agreement: float | None = None  # the floor of the default mode, or the gate
     plan: str = ""  # how much was asked where, in words
+    search: list[dict] = field(default_factory=list)  # default mode: the probes, largest kept
+    warnings: list[str] = field(default_factory=list)
     macs_before: int = 0
     macs_after: int = 0
     params_before: int = 0
@@ -84,6 +90,25 @@ class Report:
         return all(g.passed for g in self.gates)
 
     @property
+    def evaluated_on(self) -> str:
+        """What agreement and accuracy were measured on, in words."""
+        if self.held_out:
+            chosen = " (which chose the cut)" if self.mode == "auto" else ""
+            return f"{self.held_out} held-back inputs{chosen}"
+        return f"{self.samples} calibration inputs (seen by repair)"
+
+    @property
+    def inputs_used(self) -> str:
+        """How many calibration inputs went where, in words."""
+        total = self.samples + self.held_out
+        uses = f"{self.samples} for scoring and repair"
+        if self.mode != "ratio":
+            uses += f" (the first {min(SENSITIVITY_SAMPLES, self.samples)} also for sensitivity)"
+        if self.held_out:
+            uses += f", {self.held_out} held back for measuring"
+        return f"{total} calibration inputs: {uses}"
+
+    @property
     def macs_reduction(self) -> float:
         return 1 - self.macs_after / self.macs_before if self.macs_before else 0.0
 
@@ -102,24 +127,24 @@ class Report:
 
     def summary(self, verbose: bool = False) -> str:
         """A readable account of the run, a few lines long (every group with `verbose`)."""
-        pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-        lines = [
-            f"{self.model_input} -> {self.model_output}  "
-            f"({self.criterion}, {self.plan or f'ratio {self.ratio}'})",
-            f"  final response layer: {self.frl}; {self.samples} calibration samples",
+        lines = [f"warning: {w}" for w in self.warnings]
+        lines += [
+            f"{self.model_input} -> {self.model_output}  ({self.criterion}, {self.plan})",
+            f"  final response layer: {self.frl}; {self.inputs_used}",
+            *(f"  {line}" for line in self._curve()),
             f"  MACs    {self.macs_before:>14,} -> {self.macs_after:>14,}  "
-            f"(-{pct(self.macs_reduction)})",
+            f"({signed(-self.macs_reduction)})",
             f"  params  {self.params_before:>14,} -> {self.params_after:>14,}  "
-            f"(-{pct(self.params_reduction)})",
+            f"({signed(-self.params_reduction)})",
             f"  file    {self.size_before:>14,} -> {self.size_after:>14,} bytes",
         ]
-        on = f"{self.held_out} held-back inputs" if self.held_out else "the calibration inputs"
+        on = self.evaluated_on
         if self.agreement is not None:
-            lines.append(f"  top-1 agreement with the original on {on}: {pct(self.agreement)}")
+            lines.append(f"  top-1 agreement with the original on {on}: {percent(self.agreement)}")
         if self.accuracy_before is not None:
             lines.append(
-                f"  top-1 accuracy (labels) on {on}: {pct(self.accuracy_before)} -> "
-                f"{pct(self.accuracy_after)}"
+                f"  top-1 accuracy (labels) on {on}: {percent(self.accuracy_before)} -> "
+                f"{percent(self.accuracy_after)}"
             )
         if self.layers:
             before = sum(la.error_before for la in self.layers) / len(self.layers)
@@ -139,10 +164,7 @@ class Report:
             f"with frozen channels {len(frozen)}"
         )
         for g in self.groups if verbose else []:
-            more = ", ..." if len(g.nodes) > 4 else ""
-            lines.append(
-                f"    group {g.id}: kept {g.kept}/{g.channels} ({', '.join(g.nodes[:4])}{more})"
-            )
+            lines.append(f"    group {g.id}: kept {g.kept}/{g.channels}: {', '.join(g.nodes)}")
         for g in frozen:
             lines.append(
                 f"    group {g.id}: {g.frozen} of {g.channels} channels frozen: "
@@ -151,7 +173,7 @@ class Report:
         for b in (self.benchmark or {}).get("batches", []):
             lines.append(
                 f"  latency at batch {b['batch_size']}, {b['threads']} thread(s): "
-                f"{b['original_ms']:.2f} ms -> {b['pruned_ms']:.2f} ms (-{pct(b['reduction'])})"
+                f"{b['original_ms']:.2f} ms -> {b['pruned_ms']:.2f} ms ({signed(-b['reduction'])})"
             )
         for g in self.gates:
             lines.append(f"  gate {g.name} {g.threshold:g}: {_gate_line(g)}")
@@ -160,10 +182,30 @@ class Report:
             lines.append(f"  peak memory: {max(self.memory.values()):,.0f} MiB")
         return "\n".join(lines)
 
+    def _curve(self) -> list[str]:
+        """The default mode's probes, one line each, the kept one marked."""
+        if not self.search:
+            return []
+        lines = ["search (MACs kept asked -> cut, agreement on the held-back inputs):"]
+        kept = max(
+            (p for p in self.search if p["passed"]),
+            key=lambda p: p["macs_reduction"],
+            default=None,
+        )
+        for p in self.search:
+            if p["agreement"] is None:
+                lines.append(f"  {p['target_macs']:.3f}: not reachable")
+                continue
+            mark = "  <- kept" if p is kept else "" if p["passed"] else "  (below the floor)"
+            lines.append(
+                f"  {p['target_macs']:.3f}: {signed(-p['macs_reduction'])} MACs, "
+                f"{percent(p['agreement'])}{mark}"
+            )
+        return lines
+
     def markdown(self) -> str:
         """A Markdown summary for CI logs and pull-request comments."""
-        pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-        status = "passed" if self.passed else "**failed**"
+        pct = lambda x: "n/a" if x is None else signed(x)  # noqa: E731
         rows = [
             ("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", pct(-self.macs_reduction)),
             (
@@ -175,7 +217,9 @@ class Report:
             ("file bytes", f"{self.size_before:,}", f"{self.size_after:,}", ""),
         ]
         if self.accuracy_before is not None:
-            rows.append(("top-1 accuracy", pct(self.accuracy_before), pct(self.accuracy_after), ""))
+            rows.append(
+                ("top-1 accuracy", percent(self.accuracy_before), percent(self.accuracy_after), "")
+            )
         rows += [
             (
                 f"latency, batch {b['batch_size']}, {b['threads']} thread(s)",
@@ -185,23 +229,30 @@ class Report:
             )
             for b in (self.benchmark or {}).get("batches", [])
         ]
-        lines = [
+        if not self.gates:
+            status = "No quality gates were set"
+        else:
+            status = f"Quality gates {'passed' if self.passed else '**failed**'}"
+        lines = [f"> **Warning:** {w}" for w in self.warnings]
+        lines += [
+            *([""] if self.warnings else []),
             f"### nisp-onnx: `{self.model_input}` -> `{self.model_output}`",
             "",
-            f"{self.criterion}, {self.plan or f'ratio {self.ratio}'}, repair {self.repair}, "
-            f"{self.samples} calibration samples. Quality gates {status}; "
-            f"model {'written' if self.written else '**not written**'}.",
+            f"{self.criterion}, {self.plan}, repair {self.repair}; {self.inputs_used}. "
+            f"{status}; model {'written' if self.written else '**not written**'}.",
             "",
             "| | before | after | change |",
             "|---|---:|---:|---:|",
             *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
         ]
         if self.agreement is not None:
-            on = f"{self.held_out} held-back" if self.held_out else "calibration"
             lines += [
                 "",
-                f"Top-1 agreement with the original on {on} inputs: {pct(self.agreement)}.",
+                f"Top-1 agreement with the original on {self.evaluated_on}: "
+                f"{percent(self.agreement)}.",
             ]
+        if self.search:
+            lines += ["", "```", *self._curve(), "```"]
         if self.gates:
             lines += ["", "| gate | threshold | measured | result |", "|---|---:|---:|---|"]
             lines += [
@@ -217,6 +268,15 @@ class Report:
                 f"- group {g.id}: {g.frozen}/{g.channels}: {'; '.join(g.reasons)}" for g in frozen
             ]
         return "\n".join(lines) + "\n"
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def signed(x: float) -> str:
+    """A change as a percentage with one sign: +52.4%, -30.0%."""
+    return f"{100 * x:+.1f}%"
 
 
 def _gate_line(g: Gate) -> str:

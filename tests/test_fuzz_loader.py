@@ -134,7 +134,19 @@ def _set_attr(node, name, value):
 def _full_run(path, calib, repair="ls"):
     out = path.with_name("out.onnx")
     return cli_run(
-        [str(path), str(out), "--calib", str(calib), "-q", "--num-samples", "4", "--repair", repair]
+        [
+            str(path),
+            str(out),
+            "--calib",
+            str(calib),
+            "-q",
+            "--num-samples",
+            "4",
+            "--ratio",
+            "0.5",
+            "--repair",
+            repair,
+        ]
     )
 
 
