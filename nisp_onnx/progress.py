@@ -58,6 +58,13 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
 
+    def note(self, message: str) -> None:
+        """One line about the stage's progress (above the bar on a terminal)."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        elif self.on:
+            log.info("%s", message)
+
     def close(self) -> None:
         if not self.on:
             return

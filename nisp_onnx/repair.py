@@ -27,6 +27,7 @@ from scipy.linalg import cho_factor, cho_solve
 
 from .calibrate import run_sliced, samples_per_run, session
 from .model_io import export
+from .progress import Progress
 from .rules import rule_of
 from .rules.linear import Linear
 
@@ -252,16 +253,18 @@ def repair(
     runner = _StageRunner(graph, stage, batches, original)
     runner.run(0)
     results = []
-    for level in range(1, max(stage.values(), default=0) + 1):
-        for layer in (la for la in layers.values() if la.level == level):
-            inputs = runner.cache[layer.lin.node.inputs[0].name]
-            shortcut = runner.cache.get(layer.tail.shortcut or "")
-            result, added = _fit(layer, inputs, mode, shortcut)
-            results.append(result)
-            for node in added:
-                graph.nodes.append(node)
-                stage[node.name] = level
-        runner.run(level)
+    with Progress("repair", len(layers), "layer") as bar:
+        for level in range(1, max(stage.values(), default=0) + 1):
+            for layer in (la for la in layers.values() if la.level == level):
+                inputs = runner.cache[layer.lin.node.inputs[0].name]
+                shortcut = runner.cache.get(layer.tail.shortcut or "")
+                result, added = _fit(layer, inputs, mode, shortcut)
+                results.append(result)
+                bar.update()
+                for node in added:
+                    graph.nodes.append(node)
+                    stage[node.name] = level
+            runner.run(level)
     graph.toposort()
     return results
 

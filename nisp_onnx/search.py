@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .errors import NispError
-from .progress import Progress
+from .progress import Progress, showing
 
 FLOOR = 0.99  # default top-1 agreement to keep
 LOWEST = 0.05  # the smallest fraction of MACs a probe keeps
@@ -60,14 +60,21 @@ def largest_cut(
         for _ in range(PROBES):
             target = round((passing + failing) / 2, 6)
             try:
-                cut, agreement, candidate = evaluate(target)
+                with showing(False):  # one bar for the search, not one per repair
+                    cut, agreement, candidate = evaluate(target)
             except NispError:
                 probes.append(Probe(target, None, None, False))
+                bar.note(f"  keep {target:.3f} of the MACs: not reachable")
                 failing = target
                 bar.update()
                 continue
             ok = agreement >= floor
             probes.append(Probe(target, cut, agreement, ok))
+            verdict = "kept" if ok else "below the floor"
+            bar.note(
+                f"  keep {target:.3f} of the MACs: {100 * cut:.1f}% fewer, agreement "
+                f"{100 * agreement:.1f}%: {verdict}"
+            )
             if ok:
                 passing = target
                 if cut > best_cut:
