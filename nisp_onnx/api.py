@@ -182,6 +182,7 @@ def _prune(
         fraction = _holdout(holdout, calib.count, fixed, auto)
         calib, held, labels, held_labels = hold_back(calib, labels, fraction, fixed)
         report.samples, report.held_out = calib.count, held.count if held else 0
+        report.held_back = [] if held is None else held.positions.tolist()
     with report.stage("score"):
         element_class = cg.classes()
         ctx = Context(cg, element_class, frl, calib, loaded.proto, seed, labels)

@@ -92,6 +92,7 @@ class Calibration:
     responses: np.ndarray  # N x D final responses
     predictions: np.ndarray  # top-1 of the first output, per sample
     response_shape: tuple[int, ...]  # shape of one sample's final response
+    positions: np.ndarray | None = None  # where each sample was in the order read, when split
 
     @property
     def count(self) -> int:
@@ -232,7 +233,11 @@ def hold_back(
         m = int(mask.sum())
         batches = [{k: v[i : i + size] for k, v in chosen.items()} for i in range(0, m, size)]
         return Calibration(
-            batches, calib.responses[mask], calib.predictions[mask], calib.response_shape
+            batches,
+            calib.responses[mask],
+            calib.predictions[mask],
+            calib.response_shape,
+            np.flatnonzero(mask),
         )
 
     split = (None, None) if labels is None else (labels[~held], labels[held])

@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from . import __version__
@@ -24,7 +25,8 @@ from .verify import data_inputs, static_dims
 
 log = logging.getLogger("nisp_onnx")
 
-DEFAULT_SAMPLES = 256
+DEFAULT_SAMPLES = 2048  # calibration inputs used at most by default (docs/accuracy.md) ...
+DEFAULT_INPUT_MIB = 160  # ... within this much input data: about 270 images at 3x224x224
 DRY_RUN_RATIO = 0.5  # what --dry-run shows where the ratios need calibration data
 EPILOG = """exit codes: 0 success; 2 user error (bad file, flag or calibration data), nothing
 written; 3 a quality gate failed, the model not written unless --keep-on-fail; 4 internal
@@ -74,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--num-samples",
         type=int,
-        help=f"calibration inputs to use (default: up to {DEFAULT_SAMPLES}; "
-        "an error if fewer are there)",
+        help=f"calibration inputs to use (default: all, up to {DEFAULT_SAMPLES} and "
+        f"{DEFAULT_INPUT_MIB} MiB of inputs; an error if fewer than N are there)",
     )
     d.add_argument("--batch-size", type=int, default=32, help="default 32")
     d.add_argument(
@@ -224,11 +226,21 @@ def _input_info(proto: onnx.ModelProto) -> tuple[list[str], list, int | None]:
     return [i.name for i in inputs], dims, batch
 
 
+def _default_samples(shape: list, size: list[int] | None) -> int:
+    """Inputs used when --num-samples is not given: up to DEFAULT_SAMPLES, within
+    DEFAULT_INPUT_MIB of float32 inputs (sizes read from the model's input, or --size)."""
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape[1:]]
+    if size and len(dims) >= 3:
+        dims[-2:] = size
+    per_sample = 4 * int(np.prod([d or 224 for d in dims])) if dims else 4 * 3 * 224 * 224
+    return max(1, min(DEFAULT_SAMPLES, DEFAULT_INPUT_MIB * 2**20 // per_sample))
+
+
 def _reader(args: argparse.Namespace, model: LoadedModel) -> ImageFolderReader | ArrayReader:
     names, shape, fixed_batch = _input_info(model.proto)
     batch = fixed_batch or args.batch_size
     calib = Path(args.calib)
-    num = args.num_samples or DEFAULT_SAMPLES
+    num = args.num_samples or _default_samples(shape, args.size)
     if calib.suffix in (".npz", ".npy"):
         reader = ArrayReader(calib, names, batch, num)
         _enough(args, reader.n)
@@ -370,7 +382,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             args.ratio,
             frl=args.frl,
             exclude=args.exclude,
-            num_samples=args.num_samples or DEFAULT_SAMPLES,
+            num_samples=args.num_samples
+            or _default_samples(_input_info(model.proto)[1], args.size),
             criterion=args.criterion,
             repair=args.repair,
             layer_ratio=layer_ratio,

@@ -147,6 +147,9 @@ class ImageFolderReader:
     def labels(self) -> np.ndarray | None:
         return None if self._all_labels is None else self._all_labels[self._served]
 
+    def __len__(self) -> int:
+        return len(self.files)
+
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = []
         while len(batch) < self.batch_size and self._pos < len(self.files):
@@ -188,6 +191,9 @@ class ArrayReader:
         self.arrays = {k: np.asarray(arrays[k][:n]) for k in input_names}
         self.labels = None if labels is None else np.asarray(labels)[:n]
         self.batch_size, self.n, self._pos = batch_size, n, 0
+
+    def __len__(self) -> int:
+        return self.n
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._pos >= self.n:

@@ -62,6 +62,7 @@ class Report:
     size_after: int = 0
     agreement: float | None = None
     held_out: int = 0  # calibration samples kept back from scoring and repair, for evaluation
+    held_back: list[int] = field(default_factory=list)  # their positions in the order read
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     repair: str = "ls"

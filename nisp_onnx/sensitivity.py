@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 from .calibrate import run_sliced, samples_per_run, session
 from .channels import ChannelGraph, ChannelGroup
 from .model_io import export, load_model
+from .progress import Progress
 from .select import select
 
 STEPS = tuple(np.round(np.arange(10) / 10, 1))  # ratios tried per group
@@ -113,15 +114,18 @@ def damage(
     model = MaskedModel(cg, proto, used if fill_means and FILL_MEANS else None)
     reference = _log_probs(model.run(used, np.ones(cg.n_elements, bool)))
     table = np.zeros((len(groups), len(STEPS)))
-    for i in range(len(groups)):
-        if not measure[i]:
-            continue
-        for j, ratio in enumerate(STEPS[1:], 1):
-            ratios = [0.0] * len(groups)
-            ratios[i] = ratio
-            keep = ~select(groups, element_class, importance, ratios, round_to, min_keep)
-            logq = _log_probs(model.run(used, keep[element_class]))
-            table[i, j] = float((np.exp(reference) * (reference - logq)).sum(axis=1).mean())
+    runs = sum(measure) * (len(STEPS) - 1)
+    with Progress("sensitivity", runs, "run") as bar:
+        for i in range(len(groups)):
+            if not measure[i]:
+                continue
+            for j, ratio in enumerate(STEPS[1:], 1):
+                ratios = [0.0] * len(groups)
+                ratios[i] = ratio
+                keep = ~select(groups, element_class, importance, ratios, round_to, min_keep)
+                logq = _log_probs(model.run(used, keep[element_class]))
+                table[i, j] = float((np.exp(reference) * (reference - logq)).sum(axis=1).mean())
+                bar.update()
     return np.maximum.accumulate(table, axis=1)
 
 

@@ -31,7 +31,7 @@ def test_prunes_bundled_sample(tmp_path):
     assert "MACs" in r.stdout and "preprocessing: resize to 16x16, gray" in r.stderr
     onnx.checker.check_model(onnx.load(out), full_check=True)
     data = json.loads(report.read_text())
-    assert data["version"] == 3 and data["samples"] + data["held_out"] == 256
+    assert data["version"] == 3 and data["samples"] + data["held_out"] == 360
     assert 0.6 < data["macs_reduction"] < 0.9
     assert data["accuracy_before"] > 0.85
     assert data["repair"] == "ls" and data["criterion"] == "nisp-infs" and data["layers"]

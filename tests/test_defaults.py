@@ -1,0 +1,224 @@
+"""Safe defaults: the largest cut at the agreement floor, honest numbers, one truth in the CLI."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from nisp_onnx import ImageFolderReader, NispError, Preprocess, Report, prune
+from nisp_onnx.cli import _parser
+from nisp_onnx.errors import NispError as _Err
+from nisp_onnx.search import LOWEST, PROBES, largest_cut
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "models" / "digits_resnet.onnx"
+CALIB = ROOT / "models" / "digits_calib"
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "nisp_onnx", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def reader():
+    return ImageFolderReader(CALIB, "input", Preprocess(size=(16, 16), color="gray"), 32, 360)
+
+
+# --- the search, on known curves ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.62, 0.9])
+def test_search_keeps_largest_passing_cut(threshold):
+    """Agreement falls linearly with the cut; the kept cut is the largest probe at the floor
+    and lies within the bisection's resolution of where the curve crosses it."""
+
+    def evaluate(target):
+        cut = 1 - target
+        return cut, 1 - 0.1 * cut / threshold, f"model at {target}"
+
+    found = largest_cut(evaluate, floor=0.9)
+    passing = [p for p in found.probes if p.passed]
+    assert len(found.probes) == PROBES
+    assert all(p.agreement >= 0.9 for p in passing)
+    assert all(p.agreement < 0.9 for p in found.probes if not p.passed)
+    best = max(passing, key=lambda p: p.macs_reduction)
+    assert found.best == f"model at {best.target_macs}" and found.kept is best
+    assert threshold - (1 - LOWEST) / 2**PROBES <= best.macs_reduction <= threshold + 1e-9
+    assert [p.target_macs for p in found.probes] == sorted(
+        (p.target_macs for p in found.probes), reverse=True
+    )
+
+
+def test_search_counts_unreachable_as_failed_and_may_find_nothing():
+    def evaluate(target):
+        if target < 0.6:
+            raise _Err("unreachable")
+        return 1 - target, 0.5, object()
+
+    found = largest_cut(evaluate, floor=0.99)
+    assert found.best is None and found.kept is None
+    assert any(p.agreement is None for p in found.probes)
+
+
+# --- the default mode on the bundled sample ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto") / "pruned.onnx"
+    report = prune(SAMPLE, out, reader(), min_agreement=0.9)
+    return out, report
+
+
+def test_default_mode_keeps_the_floor_on_held_back_inputs(auto_run):
+    out, report = auto_run
+    assert report.mode == "auto" and report.ratio is None and report.min_agreement == 0.9
+    assert report.held_out == 72 and report.samples == 288 and len(report.held_back) == 72
+    assert report.agreement >= 0.9 and report.macs_reduction > 0.2
+    kept = [p for p in report.search if p["passed"]]
+    assert max(p["macs_reduction"] for p in kept) == pytest.approx(report.macs_reduction, abs=0.01)
+    failed = [p for p in report.search if not p["passed"]]
+    assert all(p["macs_reduction"] is None or p["agreement"] < 0.9 for p in failed)
+    assert [g.name for g in report.gates] == ["--min-agreement"] and report.passed
+
+
+def test_summary_numbers_match_an_independent_evaluation(auto_run):
+    """The written file, run on the held-back positions the report names, agrees with the
+    original exactly as often as the report says."""
+    out, report = auto_run
+    x = np.concatenate([b["input"] for b in iter(reader().get_next, None)])
+    held = x[report.held_back]
+    runs = [ort.InferenceSession(str(m)).run(None, {"input": held})[0] for m in (SAMPLE, out)]
+    agreement = (runs[0].argmax(1) == runs[1].argmax(1)).mean()
+    assert agreement == pytest.approx(report.agreement)
+    assert f"{100 * report.agreement:.1f}%" in report.summary()
+    assert "72 held-back inputs (which chose the cut)" in report.summary()
+
+
+def test_default_mode_needs_inputs_to_hold_back():
+    few = ImageFolderReader(CALIB, "input", Preprocess(size=(16, 16), color="gray"), 8, 16)
+    with pytest.raises(NispError, match="too few for the default mode"):
+        prune(SAMPLE, None, few)
+    with pytest.raises(NispError, match="--holdout 0: the default mode"):
+        prune(SAMPLE, None, reader(), holdout=0)
+
+
+def test_nothing_passing_writes_the_model_unpruned(tmp_path, monkeypatch):
+    monkeypatch.setattr("nisp_onnx.search.PROBES", 1)  # one probe: half the MACs, unrepaired
+    report = prune(SAMPLE, tmp_path / "o.onnx", reader(), min_agreement=1.0, repair="none")
+    assert report.macs_after == report.macs_before and report.agreement == 1.0
+    assert report.warnings and "written unpruned" in report.warnings[0]
+    assert report.summary().startswith("warning: no cut tried kept")
+
+
+# --- honest numbers --------------------------------------------------------------------------
+
+
+def test_ratio_mode_measures_on_held_back_inputs_by_default(tmp_path):
+    report = prune(SAMPLE, None, reader(), 0.3)
+    assert report.held_out == 72 and report.mode == "ratio" and not report.gates
+    assert "72 held-back inputs:" in report.summary()
+    assert "No quality gates were set; model" in report.markdown()
+    assert "Quality gates passed" not in report.markdown()
+
+
+def test_measuring_on_seen_inputs_and_low_agreement_are_warned_first():
+    report = prune(SAMPLE, None, reader(), 0.9, holdout=0, repair="none")
+    assert report.agreement < 0.9
+    first, second = report.summary().splitlines()[:2]
+    assert first.startswith("warning: agreement and accuracy are measured on the 360")
+    assert second.startswith("warning: the pruned model agrees with the original on only")
+    assert report.markdown().startswith("> **Warning:** agreement and accuracy")
+
+
+def test_percentages_carry_one_sign():
+    r = Report("a.onnx", "b.onnx", 0.3, "nisp-infs", "f", 10, macs_before=100, macs_after=70)
+    batch = dict(batch_size=1, threads=1, original_ms=10.0, pruned_ms=15.24, reduction=-0.524)
+    r.benchmark = {"threads": 1, "batches": [batch]}
+    text = r.summary()
+    assert "(-30.0%)" in text and "10.00 ms -> 15.24 ms (+52.4%)" in text and "--" not in text
+    md = r.markdown()
+    assert "| -30.0% |" in md and "| +52.4% |" in md
+
+
+def test_report_records_mode_and_targets(tmp_path):
+    path = tmp_path / "r.json"
+    r = cli(SAMPLE, tmp_path / "o.onnx", "--calib", CALIB, "--target-macs", "0.7", "--report", path)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(path.read_text())
+    assert data["mode"] == "target-macs" and data["target_macs"] == 0.7 and data["ratio"] is None
+    assert data["version"] == 3 and data["held_out"] > 0
+
+
+def test_prune_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"keep me")
+    with pytest.raises(NispError, match="already exists; pass overwrite=True"):
+        prune(SAMPLE, out, reader(), 0.3)
+    assert out.read_bytes() == b"keep me"
+    prune(SAMPLE, out, reader(), 0.3, overwrite=True)
+    assert out.stat().st_size > 1000
+
+
+# --- one truth: --help, the README, --dry-run, -v ----------------------------------------------
+
+
+def test_help_matches_the_readme_option_table():
+    help_text = cli("--help").stdout
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| option | meaning |") : readme.index("### Exit codes")]
+    documented = set(re.findall(r"`(--?[a-z][a-z-]*)", table))
+    offered = {o for a in _parser()._actions for o in a.option_strings}
+    offered -= {"-h", "--help", "--version"}
+    assert all(o in help_text for o in offered)
+    assert documented == offered, (documented - offered, offered - documented)
+    assert "exit codes: 0 success; 2 user error" in help_text
+    assert help_text.count("  nisp-onnx model.onnx pruned.onnx") == 2
+    assert "(default 0.99)" in help_text and "default 0.2" in help_text
+
+
+@pytest.mark.parametrize(
+    "flags, note",
+    [
+        (["--target-macs", "0.7"], "--target-macs 0.7 chooses ratios from each group's"),
+        (["--target-macs", "0.7", "--global"], "in the global ranking"),
+        ([], "the default mode searches for the largest cut"),
+        (["--ratio", "0.3", "--global"], "--global ranks channels by scores"),
+    ],
+)
+def test_dry_run_says_what_it_cannot_plan(flags, note):
+    r = cli(SAMPLE, "--dry-run", *flags)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("note: ") and note in r.stdout.splitlines()[0]
+
+
+def test_dry_run_plans_the_ratio_it_is_given():
+    r = cli(SAMPLE, "--dry-run", "--ratio", "0.25")
+    assert not r.stdout.startswith("note:") and "ratio 0.25: keep" in r.stdout
+
+
+def test_verbose_lists_every_group_with_all_its_nodes(tmp_path):
+    r = cli(SAMPLE, tmp_path / "o.onnx", "--calib", CALIB, "--ratio", "0.3", "-v")
+    assert r.returncode == 0, r.stderr
+    report = prune(SAMPLE, None, reader(), 0.3)
+    for g in report.groups:
+        assert f"group {g.id}: kept {g.kept}/{g.channels}: {', '.join(g.nodes)}" in r.stdout
+    assert f"final response layer: {report.frl}" in r.stdout
+
+
+def test_progress_is_one_line_per_stage_without_a_terminal(tmp_path):
+    r = cli(SAMPLE, tmp_path / "o.onnx", "--calib", CALIB, "--target-macs", "0.7")
+    lines = r.stderr.splitlines()
+    for stage in ("calibration", "sensitivity", "repair"):
+        assert sum(line.startswith(f"{stage}: done") for line in lines) == 1, r.stderr
+    quiet = cli(SAMPLE, tmp_path / "q.onnx", "--calib", CALIB, "--ratio", "0.3", "-q")
+    assert quiet.stderr == "" and quiet.stdout == ""
