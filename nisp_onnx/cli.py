@@ -241,6 +241,10 @@ def _reader(args: argparse.Namespace, model: LoadedModel) -> ImageFolderReader |
     batch = fixed_batch or args.batch_size
     calib = Path(args.calib)
     num = args.num_samples or _default_samples(shape, args.size)
+    if not calib.exists():
+        raise NispError(
+            f"{calib}: --calib path does not exist; give a folder of images or an .npz/.npy file"
+        )
     if calib.suffix in (".npz", ".npy"):
         reader = ArrayReader(calib, names, batch, num)
         _enough(args, reader.n)

@@ -47,6 +47,44 @@ def check_path(model: str | os.PathLike) -> Path:
     return path
 
 
+_MODEL_FIELDS = {1, 2, 3, 4, 5, 6, 7, 8, 14, 20, 25, 26}  # ModelProto's field numbers
+
+
+def _truncated(data: bytes) -> bool:
+    """Whether `data` reads as ModelProto fields until one runs past the end of the file: a
+    model cut short, rather than a file of some other kind."""
+    pos, n = 0, len(data)
+
+    def varint() -> int | None:
+        nonlocal pos
+        value, shift = 0, 0
+        while pos < n and shift < 64:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+        return None
+
+    while pos < n:
+        tag = varint()
+        if tag is None or tag >> 3 not in _MODEL_FIELDS:
+            return False
+        wire = tag & 7
+        if wire == 0:
+            if varint() is None:
+                return True
+        elif wire == 2:
+            length = varint()
+            if length is None or pos + length > n:
+                return True
+            pos += length
+        else:
+            return False
+    return False
+
+
 def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
     """Read an ONNX model (path or proto), fold constant subgraphs and infer shapes."""
     if isinstance(model, LoadedModel):
@@ -67,6 +105,11 @@ def _load(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         try:
             header = onnx.load(str(path), load_external_data=False)
         except (DecodeError, RuntimeError, ValueError) as e:
+            if _truncated(path.read_bytes()):
+                raise NispError(
+                    f"{path}: the file is truncated ({path.stat().st_size:,} bytes end inside "
+                    "the model); copy or export it again"
+                ) from None
             raise NispError(f"{path}: not a valid ONNX file ({type(e).__name__})") from None
         if not header.graph.node:
             raise NispError(f"{path}: not an ONNX model (the file holds no graph nodes)")

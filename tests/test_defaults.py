@@ -222,3 +222,29 @@ def test_progress_is_one_line_per_stage_without_a_terminal(tmp_path):
         assert sum(line.startswith(f"{stage}: done") for line in lines) == 1, r.stderr
     quiet = cli(SAMPLE, tmp_path / "q.onnx", "--calib", CALIB, "--ratio", "0.3", "-q")
     assert quiet.stderr == "" and quiet.stdout == ""
+
+
+# --- inputs checked ------------------------------------------------------------------------
+
+
+def test_missing_calibration_path_says_it_does_not_exist(tmp_path):
+    r = cli(SAMPLE, tmp_path / "o.onnx", "--calib", tmp_path / "nope")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+    assert "nope: --calib path does not exist" in r.stderr and not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_model_says_truncated(tmp_path, keep):
+    data = SAMPLE.read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    r = cli(cut, tmp_path / "o.onnx", "--calib", CALIB)
+    assert r.returncode == 2 and "the file is truncated" in r.stderr, r.stderr
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    r = cli(garbage, tmp_path / "o.onnx", "--calib", CALIB)
+    assert (
+        r.returncode == 2
+        and "the file is truncated" not in r.stderr
+        and "not a valid ONNX" in r.stderr
+    )
