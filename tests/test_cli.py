@@ -68,7 +68,7 @@ def test_ratio_zero_keeps_the_function(tmp_path):
         ([SAMPLE, "OUT", "--calib", "EMPTY"], "no images found"),
         ([SAMPLE, "OUT", "--calib", CALIB, "--ratio", "1"], "--ratio must be in [0, 1)"),
         ([SAMPLE, "OUT", "--calib", CALIB, "--ratio", "-0.1"], "--ratio must be in [0, 1)"),
-        ([SAMPLE, "OUT", "--calib", "NOTHERE"], "--calib must be a folder of images"),
+        ([SAMPLE, "OUT", "--calib", "NOTHERE"], "--calib path does not exist"),
         (["NOTONNX", "OUT", "--calib", CALIB], "not a valid ONNX file"),
         ([SAMPLE, "OUT", "--calib", CALIB, "--frl", "nope"], "'nope': the model has no tensor"),
         ([SAMPLE, "OUT", "--calib", CALIB, "--criterion", "magic"], "invalid choice: 'magic'"),
