@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,13 @@ from .criteria import Context, get_criterion
 from .errors import GateFailed, NispError
 from .latency import compare
 from .model_io import LoadedModel, export, load_model, save_model
-from .progress import showing
+from .progress import showing_progress
 from .repair import MODES
 from .repair import repair as fit_layers
 from .report import Gate, GroupReport, Report, percent, signed
 from .rewrite import rewrite
 from .search import FLOOR, largest_cut
-from .sensitivity import damage
+from .sensitivity import damage, measured_batches
 from .verify import check, count, data_inputs, infer_shapes, node_macs, proto_bytes, static_dims
 
 DEFAULT_HOLDOUT = 0.2  # fraction of the calibration samples held back to measure on
@@ -33,6 +32,7 @@ MIN_HELD_BACK = 10  # fewer held-back samples than this measure too little to be
 LOW_AGREEMENT = 0.9  # below this top-1 agreement, a warning heads the summary
 
 
+@showing_progress
 def prune(
     model_input: str | os.PathLike | onnx.ModelProto | LoadedModel,
     model_output: str | os.PathLike | None,
@@ -91,37 +91,6 @@ def prune(
     by side, at batch 1 and 32 with that many onnxruntime threads (`report.benchmark`).
     `progress` shows each long stage (a bar on a terminal, a line per stage elsewhere).
     """
-    with showing(progress):
-        return _prune(**locals())
-
-
-def _prune(
-    model_input: str | os.PathLike | onnx.ModelProto | LoadedModel,
-    model_output: str | os.PathLike | None,
-    calibration_data_reader: object,
-    ratio: float | None,
-    *,
-    frl: str | None,
-    exclude: Iterable[str],
-    num_samples: int | None,
-    labels: np.ndarray | None,
-    criterion: str | object,
-    repair: str,
-    layer_ratio: dict[str, float] | None,
-    global_ranking: bool | None,
-    max_layer_ratio: float,
-    target_macs: float | None,
-    round_to: int,
-    holdout: float | None,
-    min_agreement: float | None,
-    max_accuracy_drop: float | None,
-    min_macs_reduction: float | None,
-    keep_on_fail: bool,
-    overwrite: bool,
-    benchmark_threads: int | None,
-    seed: int,
-    progress: bool,
-) -> Report:
     if repair not in MODES:
         raise NispError(f"--repair must be one of {', '.join(MODES)}, got {repair!r}")
     if model_output is not None and Path(model_output).exists() and not overwrite:
@@ -158,7 +127,7 @@ def _prune(
         target_macs=target_macs,
         min_agreement=min_agreement,
     )
-    report.plan = _describe(plan, auto, min_agreement)
+    report.plan = plan.describe(f"largest cut at agreement >= {min_agreement:g}" if auto else None)
     loaded = load_model(model_input)
     report.record("load", loaded.cost)
     report.model_input = str(loaded.path or "<model>")
@@ -188,14 +157,20 @@ def _prune(
         ctx = Context(cg, element_class, frl, calib, loaded.proto, seed, labels)
         importance = np.asarray(crit.importance(ctx), dtype=np.float64)
     groups = cg.groups(element_class)
-    report.groups = [_group_report(g, np.zeros(len(importance), bool)) for g in groups]
     shapes = {k: v.shape for k, v in calib.batches[0].items()}
     macs = MacModel(cg, node_macs(loaded.proto, shapes))
-    table = _Sensitivity(cg, loaded.proto, calib.batches, groups, element_class, importance)
+    table: list[np.ndarray] = []  # the damage table, measured once when first needed
+
+    def sensitivity(free: list[bool]) -> np.ndarray:
+        if not table:
+            args = (cg, loaded.proto, calib.batches, groups, element_class, importance, free)
+            table.append(damage(*args, plan.min_keep, plan.round_to, repair != "none"))
+            used = measured_batches(calib.batches)
+            report.sensitivity_samples = sum(len(next(iter(b.values()))) for b in used)
+        return table[0]
 
     def choose(p: Plan) -> np.ndarray:
-        measure = partial(table, min_keep=p.min_keep, round_to=p.round_to, fill=repair != "none")
-        return allocate(groups, element_class, importance, p, macs, measure)
+        return allocate(groups, element_class, importance, p, macs, sensitivity)
 
     def cut(removed: np.ndarray, fresh: bool) -> _Cut:
         space = analyze(loaded.graph(), opset, exclude) if fresh else cg
@@ -307,30 +282,6 @@ def _cut(
     pruned = infer_shapes(export(graph, original))
     check(pruned)
     return _Cut(pruned, layers, frl_kept)
-
-
-class _Sensitivity:
-    """The damage table of `sensitivity.damage`, measured once per setting and reused."""
-
-    def __init__(self, *args: object):
-        self.args = args
-        self.tables: dict[tuple, np.ndarray] = {}
-
-    def __call__(
-        self, measure: list[bool], *, min_keep: int, round_to: int, fill: bool
-    ) -> np.ndarray:
-        key = (tuple(measure), min_keep, round_to, fill)
-        if key not in self.tables:
-            self.tables[key] = damage(*self.args, measure, min_keep, round_to, fill)
-        return self.tables[key]
-
-
-def _describe(plan: Plan, auto: bool, floor: float | None) -> str:
-    if not auto:
-        return plan.describe()
-    how = f"largest cut at agreement >= {floor:g}"
-    rest = replace(plan, ratio=0.0).describe().removeprefix("ratio 0.0")
-    return how + rest.removeprefix("global ")
 
 
 def _holdout(holdout: float | None, n: int, fixed_batch: int | None, auto: bool) -> float:

@@ -48,11 +48,12 @@ class Plan:
         if self.round_to < 1:
             raise NispError(f"--round-to must be a positive channel count, got {self.round_to}")
 
-    def describe(self) -> str:
-        how = f"target MACs {self.target_macs}" if self.target_macs is not None else ""
-        how = how or (
-            f"global ratio {self.ratio}" if self.global_ranking else f"ratio {self.ratio}"
-        )
+    def describe(self, how: str | None = None) -> str:
+        """The plan in words; `how` replaces what decides the amount (ratio or target)."""
+        if how is None and self.target_macs is not None:
+            how = f"target MACs {self.target_macs}"
+        if how is None:
+            how = f"global ratio {self.ratio}" if self.global_ranking else f"ratio {self.ratio}"
         if self.layer_ratio:
             how += ", " + ", ".join(f"{k}={v}" for k, v in self.layer_ratio.items())
         if self.max_layer_ratio < 1:

@@ -301,30 +301,27 @@ def _dry_run_shapes(proto: onnx.ModelProto, size: list[int] | None) -> dict[str,
     return shapes
 
 
+def _dry_run_ratio(args: argparse.Namespace) -> float:
+    """The uniform ratio a dry run shows: --ratio, unless the ratios need calibration data."""
+    planned = args.ratio is not None and args.target_macs is None
+    return args.ratio if planned else DRY_RUN_RATIO
+
+
 def _dry_run_notes(args: argparse.Namespace) -> list[str]:
     """What a dry run cannot plan without calibration data, and what it shows instead."""
-    shown = f"the groups below are shown at the uniform ratio {DRY_RUN_RATIO:g}"
     if args.target_macs is not None:
-        how = (
-            "in the global ranking, from channel scores"
-            if args.global_ranking
-            else ("from each group's sensitivity")
+        how = "in the global ranking, from channel scores" if args.global_ranking else ""
+        need = f"--target-macs {args.target_macs:g} chooses ratios " + (
+            how or "from each group's sensitivity"
         )
-        return [
-            f"--target-macs {args.target_macs:g} chooses ratios {how} measured on "
-            f"calibration data; {shown}"
-        ]
-    if args.ratio is None:
-        return [
-            f"the default mode searches for the largest cut at --min-agreement on "
-            f"calibration data; {shown} (pass --ratio R to see another)"
-        ]
-    if args.global_ranking:
-        return [
-            f"--global ranks channels by scores measured on calibration data; the groups "
-            f"below are shown at the uniform ratio {args.ratio:g}"
-        ]
-    return []
+    elif args.ratio is None:
+        need = "the default mode searches for the largest cut at --min-agreement"
+    elif args.global_ranking:
+        need = "--global ranks channels by scores"
+    else:
+        return []
+    shown = _dry_run_ratio(args)
+    return [f"{need} measured on calibration data; the groups below are shown at ratio {shown:g}"]
 
 
 def _pattern_ratio(text: str) -> tuple[str, float]:
@@ -368,9 +365,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         model = load_model(args.input)
         shapes = _dry_run_shapes(model.proto, args.size)
-        planned = args.ratio is not None and args.target_macs is None
-        ratio = args.ratio if planned else DRY_RUN_RATIO
-        plan = explain(model, shapes, ratio, args.exclude, layer_ratio, args.round_to)
+        plan = explain(
+            model, shapes, _dry_run_ratio(args), args.exclude, layer_ratio, args.round_to
+        )
         print("\n".join([*(f"note: {n}" for n in _dry_run_notes(args)), plan]))
         return EXIT_OK
     if args.output is None or args.calib is None:
@@ -386,8 +383,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             args.ratio,
             frl=args.frl,
             exclude=args.exclude,
-            num_samples=args.num_samples
-            or _default_samples(_input_info(model.proto)[1], args.size),
+            num_samples=len(reader),
             criterion=args.criterion,
             repair=args.repair,
             layer_ratio=layer_ratio,

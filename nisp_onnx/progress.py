@@ -1,22 +1,25 @@
 """What the user sees while a stage runs: a bar with its total and the time left on a terminal,
 one line when it starts and one when it ends elsewhere (CI logs), nothing when quiet.
 
-`prune()` sets the mode for its duration (`showing`); stages open a `Progress` wherever they
-loop, so no progress flag has to be passed down through every function.
+`prune()` sets the mode for its duration (`showing_progress`); stages open a `Progress`
+wherever they loop, so no progress flag has to be passed down through every function.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from tqdm import tqdm
 
 log = logging.getLogger("nisp_onnx")
 _mode = {"on": False}
+F = TypeVar("F", bound=Callable)
 
 
 @contextmanager
@@ -28,6 +31,17 @@ def showing(on: bool) -> Iterator[None]:
         yield
     finally:
         _mode["on"] = before
+
+
+def showing_progress(fn: F) -> F:
+    """Run `fn` showing progress when its keyword argument `progress` is true."""
+
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> object:
+        with showing(bool(kwargs.get("progress", False))):
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 class Progress:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from .repair import LayerRepair
 from .resources import Cost, measure
-from .sensitivity import SAMPLES as SENSITIVITY_SAMPLES
 
 REPORT_VERSION = 3  # the schema is nisp_onnx/report.schema.json
 
@@ -63,6 +62,7 @@ class Report:
     agreement: float | None = None
     held_out: int = 0  # calibration samples kept back from scoring and repair, for evaluation
     held_back: list[int] = field(default_factory=list)  # their positions in the order read
+    sensitivity_samples: int = 0  # of `samples`, those each group's damage was measured on
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     repair: str = "ls"
@@ -103,8 +103,8 @@ class Report:
         """How many calibration inputs went where, in words."""
         total = self.samples + self.held_out
         uses = f"{self.samples} for scoring and repair"
-        if self.mode != "ratio":
-            uses += f" (the first {min(SENSITIVITY_SAMPLES, self.samples)} also for sensitivity)"
+        if self.sensitivity_samples:
+            uses += f" (the first {self.sensitivity_samples} also for sensitivity)"
         if self.held_out:
             uses += f", {self.held_out} held back for measuring"
         return f"{total} calibration inputs: {uses}"
@@ -188,16 +188,11 @@ class Report:
         if not self.search:
             return []
         lines = ["search (MACs kept asked -> cut, agreement on the held-back inputs):"]
-        kept = max(
-            (p for p in self.search if p["passed"]),
-            key=lambda p: p["macs_reduction"],
-            default=None,
-        )
         for p in self.search:
             if p["agreement"] is None:
                 lines.append(f"  {p['target_macs']:.3f}: not reachable")
                 continue
-            mark = "  <- kept" if p is kept else "" if p["passed"] else "  (below the floor)"
+            mark = "  <- kept" if p["kept"] else "" if p["passed"] else "  (below the floor)"
             lines.append(
                 f"  {p['target_macs']:.3f}: {signed(-p['macs_reduction'])} MACs, "
                 f"{percent(p['agreement'])}{mark}"

@@ -29,19 +29,19 @@ class Probe:
     macs_reduction: float | None  # None when the target could not be reached
     agreement: float | None
     passed: bool
+    kept: bool = False  # the largest passing cut: the one written
 
 
 @dataclass
 class Found(Generic[T]):
-    """The search's result: the best passing candidate (None if no probe passed), the curve."""
+    """The search's result: the kept probe's candidate (None if no probe passed), the curve."""
 
     best: T | None
     probes: list[Probe]
 
     @property
     def kept(self) -> Probe | None:
-        passing = [p for p in self.probes if p.passed]
-        return max(passing, key=lambda p: p.macs_reduction or 0.0) if passing else None
+        return next((p for p in self.probes if p.kept), None)
 
 
 def largest_cut(
@@ -55,7 +55,7 @@ def largest_cut(
     """
     passing, failing = 1.0, LOWEST
     probes: list[Probe] = []
-    best, best_cut = None, -1.0
+    best, best_probe = None, None
     with Progress(f"search for the largest cut at agreement >= {floor:g}", PROBES, "probe") as bar:
         for _ in range(PROBES):
             target = round((passing + failing) / 2, 6)
@@ -68,20 +68,20 @@ def largest_cut(
                 failing = target
                 bar.update()
                 continue
-            ok = agreement >= floor
-            probes.append(Probe(target, cut, agreement, ok))
-            verdict = "kept" if ok else "below the floor"
+            probe = Probe(target, cut, agreement, agreement >= floor)
+            probes.append(probe)
             bar.note(
                 f"  keep {target:.3f} of the MACs: {100 * cut:.1f}% fewer, agreement "
-                f"{100 * agreement:.1f}%: {verdict}"
+                f"{100 * agreement:.1f}%: {'kept' if probe.passed else 'below the floor'}"
             )
-            if ok:
+            if probe.passed:
                 passing = target
-                if cut > best_cut:
-                    best, best_cut = candidate, cut
+                if best_probe is None or cut > best_probe.macs_reduction:
+                    best, best_probe = candidate, probe
             else:
                 failing = target
-            del candidate
             bar.update()
+    if best_probe is not None:
+        best_probe.kept = True
     probes.sort(key=lambda p: -p.target_macs)
     return Found(best, probes)

@@ -105,12 +105,7 @@ def damage(
     group alone loses each ratio of STEPS of its channels (least important first), made
     non-decreasing in the ratio; zero for groups not to `measure`. Removed channels take
     their means when `fill_means` (a repair follows), else zero."""
-    used, n = [], 0
-    for b in batches:
-        if n >= SAMPLES:
-            break
-        used.append(b)
-        n += len(next(iter(b.values())))
+    used = measured_batches(batches)
     model = MaskedModel(cg, proto, used if fill_means and FILL_MEANS else None)
     reference = _log_probs(model.run(used, np.ones(cg.n_elements, bool)))
     table = np.zeros((len(groups), len(STEPS)))
@@ -127,6 +122,17 @@ def damage(
                 table[i, j] = float((np.exp(reference) * (reference - logq)).sum(axis=1).mean())
                 bar.update()
     return np.maximum.accumulate(table, axis=1)
+
+
+def measured_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The first batches, holding at least SAMPLES inputs where there are that many."""
+    used, n = [], 0
+    for b in batches:
+        if n >= SAMPLES:
+            break
+        used.append(b)
+        n += len(next(iter(b.values())))
+    return used
 
 
 def _log_probs(y: np.ndarray) -> np.ndarray:

@@ -2,31 +2,16 @@
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from test_cli import CALIB, ROOT, SAMPLE, cli
 
 from nisp_onnx import ImageFolderReader, NispError, Preprocess, Report, prune
 from nisp_onnx.cli import _parser
 from nisp_onnx.errors import NispError as _Err
 from nisp_onnx.search import LOWEST, PROBES, largest_cut
-
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "models" / "digits_resnet.onnx"
-CALIB = ROOT / "models" / "digits_calib"
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "nisp_onnx", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
 
 
 def reader():
@@ -84,8 +69,11 @@ def test_default_mode_keeps_the_floor_on_held_back_inputs(auto_run):
     assert report.mode == "auto" and report.ratio is None and report.min_agreement == 0.9
     assert report.held_out == 72 and report.samples == 288 and len(report.held_back) == 72
     assert report.agreement >= 0.9 and report.macs_reduction > 0.2
-    kept = [p for p in report.search if p["passed"]]
-    assert max(p["macs_reduction"] for p in kept) == pytest.approx(report.macs_reduction, abs=0.01)
+    passed = [p for p in report.search if p["passed"]]
+    (kept,) = [p for p in report.search if p["kept"]]
+    assert kept["macs_reduction"] == max(p["macs_reduction"] for p in passed)
+    assert kept["macs_reduction"] == pytest.approx(report.macs_reduction, abs=0.01)
+    assert report.sensitivity_samples == 32 and "first 32 also for sensitivity" in report.summary()
     failed = [p for p in report.search if not p["passed"]]
     assert all(p["macs_reduction"] is None or p["agreement"] < 0.9 for p in failed)
     assert [g.name for g in report.gates] == ["--min-agreement"] and report.passed
@@ -126,6 +114,7 @@ def test_nothing_passing_writes_the_model_unpruned(tmp_path, monkeypatch):
 def test_ratio_mode_measures_on_held_back_inputs_by_default(tmp_path):
     report = prune(SAMPLE, None, reader(), 0.3)
     assert report.held_out == 72 and report.mode == "ratio" and not report.gates
+    assert report.sensitivity_samples == 0 and "sensitivity" not in report.summary()
     assert "72 held-back inputs:" in report.summary()
     assert "No quality gates were set; model" in report.markdown()
     assert "Quality gates passed" not in report.markdown()
