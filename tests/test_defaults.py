@@ -237,3 +237,12 @@ def test_truncated_model_says_truncated(tmp_path, keep):
         and "the file is truncated" not in r.stderr
         and "not a valid ONNX" in r.stderr
     )
+
+
+def test_default_mode_plan_names_its_floor_not_a_ratio():
+    from nisp_onnx.budget import Plan
+
+    plan = Plan(0.0, {"stage3*": 0.2}, global_ranking=True, round_to=8)
+    text = plan.describe("largest cut at agreement >= 0.99")
+    assert text == "largest cut at agreement >= 0.99, stage3*=0.2, multiples of 8"
+    assert plan.describe().startswith("global ratio 0.0")
