@@ -19,6 +19,12 @@ from .errors import NispError
 
 log = logging.getLogger("nisp_onnx")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+TOO_SMALL = 4  # an image whose side is this many times smaller than the input's is refused
+
+
+class TooSmall(ValueError):
+    """An image far smaller than the model input: upscaling it would feed the model noise."""
 
 
 @dataclass
@@ -33,6 +39,7 @@ class Preprocess:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     dtype: str = "float32"
+    converted: int = 0  # images whose colour was converted to the model's (gray <-> colour)
 
     def describe(self) -> str:
         h, w = self.size
@@ -43,9 +50,15 @@ class Preprocess:
         )
 
     def __call__(self, path: Path) -> np.ndarray:
+        """One input from an image file; raises `TooSmall` for an image far below the size."""
         with Image.open(path) as img:
-            img = img.convert("L" if self.color == "gray" else "RGB")
             h, w = self.size
+            if img.width * TOO_SMALL < w or img.height * TOO_SMALL < h:
+                raise TooSmall(f"{img.width}x{img.height}")
+            gray = img.mode in GRAY_MODES
+            if gray != (self.color == "gray"):
+                self.converted += 1
+            img = img.convert("L" if self.color == "gray" else "RGB")
             if self.resize:
                 scale = self.resize / min(img.size)
                 img = img.resize(
@@ -142,6 +155,7 @@ class ImageFolderReader:
         self.input_name, self.preprocess, self.batch_size = input_name, preprocess, batch_size
         self._pos = 0
         self._served: list[int] = []
+        self._small: list[str] = []
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -157,14 +171,38 @@ class ImageFolderReader:
             try:
                 batch.append(self.preprocess(path))
                 self._served.append(self._pos)
+            except TooSmall as e:
+                self._small.append(f"{path.name} ({e})")
             except (UnidentifiedImageError, OSError, ValueError) as e:
                 log.warning("skipping %s: not a readable image (%s)", path, e)
             self._pos += 1
-        if not batch:
+        if self._pos == len(self.files):
+            self._finish()
+        return {self.input_name: np.stack(batch)} if batch else None
+
+    def _finish(self) -> None:
+        """With the last file read: one line for each kind of conversion or refusal."""
+        h, w = self.preprocess.size
+        if self._small:
+            what = (
+                f"{len(self._small)} image(s) far smaller than the model's {h}x{w} input "
+                f"(e.g. {self._small[0]})"
+            )
             if not self._served:
-                raise NispError(f"{self.folder}: none of the images could be read")
-            return None
-        return {self.input_name: np.stack(batch)}
+                raise NispError(f"{self.folder}: all {what}; give images of about {h}x{w}")
+            log.warning("skipped %s", what)
+            self._small = []
+        if not self._served:
+            raise NispError(f"{self.folder}: none of the images could be read")
+        if self.preprocess.converted:
+            to = "gray" if self.preprocess.color == "gray" else "RGB"
+            log.warning(
+                "converted %d image(s) to %s, the model input's colour; check that these "
+                "are the images meant for this model",
+                self.preprocess.converted,
+                to,
+            )
+            self.preprocess.converted = 0
 
 
 class ArrayReader:

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 from test_cli import CALIB, ROOT, SAMPLE, cli
 
 from nisp_onnx import ImageFolderReader, NispError, Preprocess, Report, prune
@@ -220,6 +221,54 @@ def test_missing_calibration_path_says_it_does_not_exist(tmp_path):
     r = cli(SAMPLE, tmp_path / "o.onnx", "--calib", tmp_path / "nope")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
     assert "nope: --calib path does not exist" in r.stderr and not (tmp_path / "o.onnx").exists()
+
+
+def _images(folder, n, size, mode):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    shape = (size[1], size[0]) + (() if mode == "L" else (3,))
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+    return folder
+
+
+def test_gray_images_for_a_colour_model_are_converted_with_one_line(tmp_path, caplog):
+    folder = _images(tmp_path / "gray", 5, (20, 20), "L")
+    rd = ImageFolderReader(folder, "x", Preprocess(size=(16, 16), color="rgb"), 2)
+    with caplog.at_level("WARNING", logger="nisp_onnx"):
+        batches = list(iter(rd.get_next, None))
+    assert sum(len(b["x"]) for b in batches) == 5 and batches[0]["x"].shape[1:] == (3, 16, 16)
+    x = batches[0]["x"][0]
+    assert np.array_equal(x[0], x[1]) and np.array_equal(x[1], x[2])
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "converted 5 image(s) to RGB, the model input's colour; check that these "
+        "are the images meant for this model"
+    ]
+
+
+def test_colour_images_for_the_gray_sample_are_converted_on_the_cli(tmp_path):
+    folder = _images(tmp_path / "rgb", 12, (16, 16), "RGB")
+    r = cli(SAMPLE, tmp_path / "o.onnx", "--calib", folder, "--ratio", "0.3", "--holdout", "0")
+    assert r.returncode == 0, r.stderr
+    assert sum("converted 12 image(s) to gray" in line for line in r.stderr.splitlines()) == 1
+
+
+def test_far_too_small_images_are_refused(tmp_path, caplog):
+    tiny = _images(tmp_path / "tiny", 4, (3, 2), "L")
+    r = cli(SAMPLE, tmp_path / "o.onnx", "--calib", tiny, "--ratio", "0.3")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("nisp-onnx: error")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr
+    assert "all 4 image(s) far smaller than the model's 16x16 input (e.g. 0.png (3x2))" in r.stderr
+    assert not (tmp_path / "o.onnx").exists()
+    mixed = _images(tmp_path / "mixed", 3, (16, 16), "L")
+    Image.fromarray(np.zeros((2, 3), np.uint8), "L").save(mixed / "small.png")
+    rd = ImageFolderReader(mixed, "x", Preprocess(size=(16, 16), color="gray"), 8)
+    with caplog.at_level("WARNING", logger="nisp_onnx"):
+        assert len(rd.get_next()["x"]) == 3 and rd.get_next() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipped 1 image(s) far smaller than the model's 16x16 input (e.g. small.png (3x2))"
+    ]
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999])
