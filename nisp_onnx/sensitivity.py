@@ -12,6 +12,7 @@ from .channels import ChannelGraph, ChannelGroup
 from .model_io import export, load_model
 from .progress import Progress
 from .select import select
+from .verify import inline
 
 STEPS = tuple(np.round(np.arange(10) / 10, 1))  # ratios tried per group
 SAMPLES = 32  # calibration inputs the damage is measured on
@@ -56,16 +57,104 @@ class MaskedModel:
             if batches is None
             else _channel_means(proto, self.masks, batches)
         )
-        self.session = session(export(graph.toposort(), loaded.proto))
+        self.proto = export(graph.toposort(), loaded.proto)
+        self.session = session(self.proto)
         self.output = self.session.get_outputs()[0].name
 
-    def run(self, batches: list[dict[str, np.ndarray]], keep: np.ndarray) -> np.ndarray:
-        """Output 0 over `batches` with the elements where `keep` is false set to their means."""
+    def feeds(self, keep: np.ndarray) -> dict[str, np.ndarray]:
+        """The mask and fill inputs that remove the elements where `keep` is false."""
         feeds = {}
         for mask, fill, x, sp, shape in self.masks:
             m = keep[sp.elements].astype(np.float32).reshape(shape)
             feeds[mask], feeds[fill] = m, (1 - m) * self.means[x]
+        return feeds
+
+    def run(self, batches: list[dict[str, np.ndarray]], keep: np.ndarray) -> np.ndarray:
+        """Output 0 over `batches` with the elements where `keep` is false set to their means."""
+        feeds = self.feeds(keep)
         return np.concatenate([self.session.run([self.output], {**b, **feeds})[0] for b in batches])
+
+    def downstream(self, masks: set[str]) -> Part | None:
+        """The nodes that the masks named in `masks` reach, as a `Part`; None where the
+        part cannot be cut out (a node with a subgraph, or a model kept on disk)."""
+        g = self.proto.graph
+        if not inline(self.proto):
+            return None
+        reached = set(masks)
+        nodes = []
+        for node in g.node:  # in topological order
+            if any(t in reached for t in node.input):
+                if any(
+                    a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    for a in node.attribute
+                ):
+                    return None
+                nodes.append(node)
+                reached.update(node.output)
+        made = {t for n in nodes for t in n.output}
+        weights = {t.name for t in g.initializer}
+        needed = {t for n in nodes for t in n.input if t and t not in made and t not in weights}
+        return Part(self, nodes, sorted(needed), self.output in made)
+
+
+class Part:
+    """The nodes after a set of masks: run on the tensors they read (the `frontier`) taken
+    from an unmasked run, it gives output 0 of the whole masked model for masks that differ
+    from all-kept only in that set, without computing what lies before it."""
+
+    def __init__(self, model: MaskedModel, nodes: list, frontier: list[str], reaches: bool):
+        self.model, self.nodes, self.frontier, self.reaches = model, nodes, frontier, reaches
+        self.session = None
+
+    def run(self, cached: list[dict[str, np.ndarray]], keep: np.ndarray) -> np.ndarray | None:
+        """Output 0 over the batches whose frontier tensors `cached` holds (None where the
+        part does not reach output 0, which the masks then leave as it was)."""
+        if not self.reaches:
+            return None
+        feeds = self.model.feeds(keep)
+        if self.session is None:
+            self.session = session(self._proto(cached[0], feeds))
+        names = [t for t in self.frontier if t not in feeds]
+        out = self.model.output
+        return np.concatenate(
+            [
+                self.session.run(
+                    [out],
+                    {
+                        **{t: c[t] for t in names},
+                        **{t: feeds[t] for t in self.frontier if t in feeds},
+                    },
+                )[0]
+                for c in cached
+            ]
+        )
+
+    def _proto(self, sample: dict[str, np.ndarray], feeds: dict) -> onnx.ModelProto:
+        full = self.model.proto
+        inputs = {i.name: i for i in full.graph.input}
+        values = {**sample, **feeds}
+        graph_inputs = [
+            inputs[t]
+            if t in inputs
+            else onnx.helper.make_tensor_value_info(
+                t,
+                onnx.helper.np_dtype_to_tensor_dtype(values[t].dtype),
+                ["N", *values[t].shape[1:]],
+            )
+            for t in self.frontier
+        ]
+        used = {t for n in self.nodes for t in n.input}
+        outputs = [o for o in full.graph.output if o.name == self.model.output]
+        graph = onnx.helper.make_graph(
+            self.nodes,
+            "part",
+            graph_inputs,
+            outputs,
+            [w for w in full.graph.initializer if w.name in used],
+        )
+        part = onnx.helper.make_model(graph, opset_imports=full.opset_import)
+        part.ir_version = full.ir_version
+        return part
 
 
 def _channel_means(
@@ -107,21 +196,56 @@ def damage(
     their means when `fill_means` (a repair follows), else zero."""
     used = measured_batches(batches)
     model = MaskedModel(cg, proto, used if fill_means and FILL_MEANS else None)
-    reference = _log_probs(model.run(used, np.ones(cg.n_elements, bool)))
+    keeps = {
+        i: [
+            ~select(
+                groups, element_class, importance, _alone(i, r, len(groups)), round_to, min_keep
+            )[element_class]
+            for r in STEPS[1:]
+        ]
+        for i in range(len(groups))
+        if measure[i]
+    }
+    parts = {i: _part(model, k) for i, k in keeps.items()}
+    ones = np.ones(cg.n_elements, bool)
+    unmasked = model.feeds(ones)
+    frontier = sorted(
+        {t for p in parts.values() if p for t in p.frontier} - set(unmasked) - set(used[0])
+    )
+    reference, cached = [], []
+    whole = session(model.proto, frontier) if frontier else model.session
+    for b in used:
+        y, *values = whole.run([model.output, *frontier], {**b, **unmasked})
+        reference.append(y)
+        cached.append({**b, **dict(zip(frontier, values))})
+    del whole
+    reference = _log_probs(np.concatenate(reference))
     table = np.zeros((len(groups), len(STEPS)))
-    runs = sum(measure) * (len(STEPS) - 1)
-    with Progress("sensitivity", runs, "run") as bar:
-        for i in range(len(groups)):
-            if not measure[i]:
-                continue
-            for j, ratio in enumerate(STEPS[1:], 1):
-                ratios = [0.0] * len(groups)
-                ratios[i] = ratio
-                keep = ~select(groups, element_class, importance, ratios, round_to, min_keep)
-                logq = _log_probs(model.run(used, keep[element_class]))
-                table[i, j] = float((np.exp(reference) * (reference - logq)).sum(axis=1).mean())
+    with Progress("sensitivity", len(keeps) * (len(STEPS) - 1), "run") as bar:
+        for i, steps in keeps.items():
+            for j, keep in enumerate(steps, 1):
+                part = parts[i]
+                y = model.run(used, keep) if part is None else part.run(cached, keep)
+                if y is not None:
+                    logq = _log_probs(y)
+                    table[i, j] = float((np.exp(reference) * (reference - logq)).sum(1).mean())
                 bar.update()
+            parts[i] = None  # its session is not needed again
     return np.maximum.accumulate(table, axis=1)
+
+
+def _alone(i: int, ratio: float, n: int) -> list[float]:
+    ratios = [0.0] * n
+    ratios[i] = ratio
+    return ratios
+
+
+def _part(model: MaskedModel, keeps: list[np.ndarray]) -> Part | None:
+    """The part of `model` after the masks that any of `keeps` changes (None: the whole)."""
+    changed = {
+        mask for mask, _, _, sp, _ in model.masks if not all(k[sp.elements].all() for k in keeps)
+    }
+    return model.downstream(changed)
 
 
 def measured_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

@@ -146,32 +146,27 @@ def test_masked_model_and_damage_table():
 
 def test_damage_is_the_kl_divergence_of_softened_predictions():
     """Each entry is KL(p || q) of the softmax of the logits over TEMPERATURE, original p
-    against the cut model's q (zero-filled here), made non-decreasing along the steps."""
+    against the cut model's q (zero-filled here), made non-decreasing along the steps. The
+    table runs only the nodes after each group's masks; the whole masked model must agree."""
     b, model = _wide_residual()
     loaded, cg, cls, groups, imp = _plan(model, 0.5, 0)
     batches = [b.feed(1), b.feed(2)]
-    i = next(k for k, g in enumerate(groups) if g.prunable >= 10)
-    table = damage(
-        cg,
-        loaded.proto,
-        batches,
-        groups,
-        cls,
-        imp,
-        [k == i for k in range(len(groups))],
-        fill_means=False,
-    )
+    measure = [g.prunable >= 10 for g in groups]
+    assert sum(measure) >= 3
+    table = damage(cg, loaded.proto, batches, groups, cls, imp, measure, fill_means=False)
     masked = MaskedModel(cg, loaded.proto)
     t = sensitivity.TEMPERATURE
     logp = log_softmax(masked.run(batches, np.ones(cg.n_elements, bool)) / t, axis=1)
-    want = [0.0]
-    for ratio in STEPS[1:]:
-        ratios = [ratio if k == i else 0.0 for k in range(len(groups))]
-        logq = log_softmax(masked.run(batches, ~select(groups, cls, imp, ratios)[cls]) / t, axis=1)
-        want.append(float((np.exp(logp) * (logp - logq)).sum(1).mean()))
-    assert want[-1] > 1e-4  # the cut changes the predictions measurably
-    np.testing.assert_allclose(table[i], np.maximum.accumulate(want), rtol=1e-4, atol=1e-9)
-    assert (np.delete(table, i, axis=0) == 0).all()
+    for i in np.flatnonzero(measure):
+        want = [0.0]
+        for ratio in STEPS[1:]:
+            ratios = [ratio if k == i else 0.0 for k in range(len(groups))]
+            keep = ~select(groups, cls, imp, ratios)[cls]
+            logq = log_softmax(masked.run(batches, keep) / t, axis=1)
+            want.append(float((np.exp(logp) * (logp - logq)).sum(1).mean()))
+        assert want[-1] > 1e-4  # the cut changes the predictions measurably
+        np.testing.assert_allclose(table[i], np.maximum.accumulate(want), rtol=1e-3, atol=1e-7)
+    assert (table[~np.array(measure)] == 0).all()
 
 
 def test_probability_outputs_are_softened_like_their_logits():
