@@ -164,7 +164,8 @@ def prune(
     def sensitivity(free: list[bool]) -> np.ndarray:
         if not table:
             args = (cg, loaded.proto, calib.batches, groups, element_class, importance, free)
-            table.append(damage(*args, plan.min_keep, plan.round_to, repair != "none"))
+            with report.stage("sensitivity"):  # within "select" or "search"
+                table.append(damage(*args, plan.min_keep, plan.round_to, repair != "none"))
             used = measured_batches(calib.batches)
             report.sensitivity_samples = sum(len(next(iter(b.values()))) for b in used)
         return table[0]

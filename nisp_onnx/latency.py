@@ -64,7 +64,7 @@ class Latency:
         threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
         return (
             f"batch {self.batch_size}, {threads}: {self.original_ms:.2f} ms -> "
-            f"{self.pruned_ms:.2f} ms (-{100 * self.reduction:.1f}%, {self.runs} runs each)"
+            f"{self.pruned_ms:.2f} ms ({-100 * self.reduction:+.1f}%, {self.runs} runs each)"
         )
 
 

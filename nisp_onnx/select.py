@@ -31,6 +31,8 @@ def select(
     for g in groups:
         frozen[g.classes[g.frozen]] = True
     for g, ratio in zip(groups, ratios):
+        if ratio <= 0:
+            continue  # loses nothing
         per_space = [np.unique(element_class[sp.elements]) for sp in g.spaces]
         quota = {
             i: _quota(len(c), ratio * (~frozen[c]).sum(), round_to, min_keep)

@@ -75,26 +75,47 @@ class MaskedModel:
         return np.concatenate([self.session.run([self.output], {**b, **feeds})[0] for b in batches])
 
     def downstream(self, masks: set[str]) -> Part | None:
-        """The nodes that the masks named in `masks` reach, as a `Part`; None where the
-        part cannot be cut out (a node with a subgraph, or a model kept on disk)."""
+        """The nodes that the masks named in `masks` reach, as a `Part` in which every other
+        mask, left whole, is taken out; None where the part cannot be cut out (a node with a
+        subgraph, or a model kept on disk)."""
         g = self.proto.graph
         if not inline(self.proto):
             return None
+        whole = {m: f for m, f, *_ in self.masks if m not in masks}
+        scaled, bypass = {}, {}  # tensors of the whole masks -> the tensor they mask
+        for node in g.node:
+            if node.op_type == "Mul" and node.input[1] in whole:
+                scaled[node.output[0]] = node.input[0], whole[node.input[1]]
+            elif node.op_type == "Add" and scaled.get(node.input[0], (0, 0))[1] == node.input[1]:
+                bypass[node.output[0]] = scaled[node.input[0]][0]
         reached = set(masks)
         nodes = []
         for node in g.node:  # in topological order
-            if any(t in reached for t in node.input):
-                if any(
-                    a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                    for a in node.attribute
-                ):
-                    return None
-                nodes.append(node)
-                reached.update(node.output)
+            if node.output[0] in scaled or node.output[0] in bypass:
+                continue
+            node = _renamed(node, bypass)
+            if not any(t in reached for t in node.input):
+                continue
+            if any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for a in node.attribute
+            ):
+                return None
+            nodes.append(node)
+            reached.update(node.output)
         made = {t for n in nodes for t in n.output}
         weights = {t.name for t in g.initializer}
         needed = {t for n in nodes for t in n.input if t and t not in made and t not in weights}
         return Part(self, nodes, sorted(needed), self.output in made)
+
+
+def _renamed(node: onnx.NodeProto, names: dict[str, str]) -> onnx.NodeProto:
+    """A copy of `node` reading `names[t]` in place of each input t that `names` holds."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for k, t in enumerate(copy.input):
+        copy.input[k] = names.get(t, t)
+    return copy
 
 
 class Part:
@@ -223,10 +244,11 @@ def damage(
     table = np.zeros((len(groups), len(STEPS)))
     with Progress("sensitivity", len(keeps) * (len(STEPS) - 1), "run") as bar:
         for i, steps in keeps.items():
+            part = parts[i]
             for j, keep in enumerate(steps, 1):
-                part = parts[i]
-                y = model.run(used, keep) if part is None else part.run(cached, keep)
-                if y is not None:
+                if j > 1 and np.array_equal(keep, steps[j - 2]):
+                    table[i, j] = table[i, j - 1]  # rounding left the same cut
+                elif (y := part.run(cached, keep) if part else model.run(used, keep)) is not None:
                     logq = _log_probs(y)
                     table[i, j] = float((np.exp(reference) * (reference - logq)).sum(1).mean())
                 bar.update()

@@ -41,6 +41,8 @@ def test_more_compute_measures_slower():
         d = r.to_dict()
         assert set(d) >= {"batch_size", "threads", "original_ms", "pruned_ms", "speedup"}
         assert "batch" in r.describe()
+    slower = Latency(1, 1, original_ms=10.0, pruned_ms=15.24, runs=5)
+    assert "(+52.4%," in slower.describe() and "--" not in slower.describe()
 
 
 def test_fixed_batch_and_shapes_from_model(tmp_path):

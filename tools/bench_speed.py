@@ -2,6 +2,7 @@
 
     python tools/bench_speed.py                   # ResNet-50 and MobileNetV2, 3 rounds each
     python tools/bench_speed.py --models mobilenet_v2 --rounds 1 --no-repair-only
+    python tools/bench_speed.py --sensitivity --models mobilenet_v2 --baseline /tmp/old
 
 For each full-size model (random weights, build/models/<name>_torchscript.onnx, exported with
 tools/make_fixtures.py when missing: needs torch 2.13.0 CPU and onnxscript in
@@ -19,6 +20,12 @@ of that child, from `os.wait4`), and the per-stage times and peak memory of its 
 (`timings`, `memory`, when the report has them). Medians over `--rounds`. Targets (issue 6):
 without repair at most 1.5 x plain + 10 s; with repair at most 4 x plain; peak memory under
 3 GB for ResNet-50.
+
+`--sensitivity` instead times `nisp-onnx MODEL OUT --calib calib_224.npz --target-macs 0.7
+--num-samples 256` (repair ls) and compares its report's `sensitivity` and `rewrite and
+repair` stages (target, issue 20: sensitivity at most as long as repair); with `--baseline
+DIR` (a checkout of an older commit) the same command from DIR runs next to it each round.
+A report without a `sensitivity` stage (older commits) counts its whole `select` stage.
 """
 
 import argparse
@@ -69,14 +76,14 @@ def _rss_mib(pid):
     return 0.0
 
 
-def timed(cmd):
+def timed(cmd, cwd=ROOT, env=None):
     """(wall seconds, peak RSS MiB, stdout) of one child process. The peak is the larger of
     its resident memory sampled every 20 ms and its `ru_maxrss` from os.wait4 (which only
     covers the time since the process last reset its high-water mark, as nisp-onnx does per
     stage)."""
     with open(OUT / "child.out", "w+b") as out, open(OUT / "child.err", "w+b") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
         peak = 0.0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -156,6 +163,56 @@ def run(args):
     return rows
 
 
+def sensitivity_rows(args):
+    """Per model and code version: the sensitivity and repair seconds of each round."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    calib = calib_file()
+    versions = {"this checkout": ROOT}
+    if args.baseline:
+        versions[f"baseline {args.baseline}"] = args.baseline.resolve()
+    rows = {}
+    for key in args.models:
+        path = full_model(key, args.torch_python)
+        runs = {v: [] for v in versions}
+        for i in range(args.rounds):
+            order = list(versions)[i % len(versions) :] + list(versions)[: i % len(versions)]
+            for version in order:
+                report, output = OUT / "sens.json", OUT / "sens.onnx"
+                for old in (report, output):
+                    old.unlink(missing_ok=True)
+                cmd = [sys.executable, "-m", "nisp_onnx", str(path), str(output)]
+                cmd += ["--calib", str(calib), "--target-macs", "0.7", "--num-samples"]
+                cmd += [str(SAMPLES), "--report", str(report), "-q"]
+                env = {**os.environ, "PYTHONPATH": str(versions[version])}
+                wall, _, _ = timed(cmd, cwd=versions[version], env=env)
+                t = json.loads(report.read_text())["timings"]
+                runs[version].append(
+                    {
+                        "wall": wall,
+                        "sensitivity": t.get("sensitivity", t["select"]),
+                        "repair": t["rewrite and repair"],
+                    }
+                )
+                print(f"{FULL[key]} round {i + 1} {version}: {runs[version][-1]}", file=sys.stderr)
+        rows[key] = runs
+    return rows
+
+
+def sensitivity_table(rows):
+    lines = [
+        "| model | code | sensitivity | repair | sensitivity / repair (per round) | process |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key, runs in rows.items():
+        for version, rs in runs.items():
+            ratios = ", ".join(f"{r['sensitivity'] / r['repair']:.2f}" for r in rs)
+            lines.append(
+                f"| {FULL[key]} | {version} | {median(rs, 'sensitivity'):.1f} s | "
+                f"{median(rs, 'repair'):.1f} s | {ratios} | {median(rs, 'wall'):.1f} s |"
+            )
+    return "\n".join(lines)
+
+
 def median(runs, field):
     return statistics.median(r[field] for r in runs)
 
@@ -233,12 +290,14 @@ def main():
     ap.add_argument("--models", nargs="+", default=list(FULL), choices=list(FULL))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-repair-only", action="store_true")
+    ap.add_argument("--sensitivity", action="store_true", help="time sensitivity against repair")
+    ap.add_argument("--baseline", type=Path, help="with --sensitivity: an older checkout")
     ap.add_argument("--torch-python", default=sys.executable)
     ap.add_argument("--json", type=Path, default=OUT / "speed.json")
     ap.add_argument("--out", type=Path, help="also write the Markdown here")
     args = ap.parse_args()
-    rows = run(args)
-    text = f"Machine: {machine()}.\n\n{tables(rows)}"
+    rows = sensitivity_rows(args) if args.sensitivity else run(args)
+    text = f"Machine: {machine()}.\n\n{(sensitivity_table if args.sensitivity else tables)(rows)}"
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
