@@ -54,6 +54,7 @@ def prune(
     min_agreement: float | None = None,
     max_accuracy_drop: float | None = None,
     min_macs_reduction: float | None = None,
+    speed_check: bool = True,
     keep_on_fail: bool = False,
     overwrite: bool = False,
     benchmark_threads: int | None = None,
@@ -71,7 +72,9 @@ def prune(
 
     How much goes where. By default (no `ratio`, no `target_macs`) the largest MACs cut is
     searched for whose top-1 agreement with the original on held-back inputs stays at or
-    above `min_agreement` (default 0.99). `ratio` removes that fraction of every channel
+    above `min_agreement` (default 0.99) and that runs no slower than the original at batch 1
+    on one CPU thread (`report.speed_check`; else the model is written unpruned, unless
+    `speed_check=False`). `ratio` removes that fraction of every channel
     group; `target_macs` keeps that fraction of the MACs, with ratios per group from each
     group's measured sensitivity (or in the global order with `global_ranking`, which with
     `ratio` ranks all groups' channels together, scores divided by their group's mean).
@@ -204,6 +207,19 @@ def prune(
             else:
                 removed, built = found.best
                 report.plan += f": kept {found.kept.target_macs:g} of the MACs"
+        if speed_check and removed.any():  # never a cut slower than the original
+            with report.stage("speed check"):
+                (timed,) = compare(loaded.path or loaded.proto, built.proto, shapes, 1, (1,), 1.0)
+                report.speed_check = timed.to_dict()
+            if timed.pruned_ms > timed.original_ms:
+                report.warnings.append(
+                    f"the largest cut at {percent(min_agreement)} agreement runs slower than the "
+                    f"original at batch {timed.batch_size} ({timed.original_ms:.2f} ms -> "
+                    f"{timed.pruned_ms:.2f} ms): the model is written unpruned; --ratio or "
+                    "--target-macs cut anyway"
+                )
+                removed = np.zeros(len(importance), bool)
+                built = cut(removed, fresh=False)
     else:
         with report.stage("select"):
             removed = choose(plan)

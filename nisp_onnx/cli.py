@@ -184,6 +184,13 @@ def _parser() -> argparse.ArgumentParser:
         f"{MIN_HELD_BACK} inputs, else 0)",
     )
     g.add_argument(
+        "--no-speed-check",
+        dest="speed_check",
+        action="store_false",
+        help="default mode: keep the cut even when it runs slower than the original on one CPU "
+        "thread at batch 1 (for models deployed elsewhere)",
+    )
+    g.add_argument(
         "--keep-on-fail", action="store_true", help="write the model even when a gate fails"
     )
     o = p.add_argument_group("output")
@@ -395,6 +402,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             min_agreement=args.min_agreement,
             max_accuracy_drop=args.max_accuracy_drop,
             min_macs_reduction=args.min_macs_reduction,
+            speed_check=args.speed_check,
             keep_on_fail=args.keep_on_fail,
             overwrite=args.force,
             benchmark_threads=args.benchmark,

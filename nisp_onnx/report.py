@@ -71,6 +71,7 @@ class Report:
     layers: list[LayerRepair] = field(default_factory=list)
     gates: list[Gate] = field(default_factory=list)
     written: bool = False  # whether the output model was written
+    speed_check: dict | None = None  # default mode: batch-1 latency of the kept cut
     benchmark: dict | None = None  # with --benchmark: latency of both models
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     memory: dict[str, float] = field(default_factory=dict)  # peak resident MiB per stage
@@ -170,6 +171,11 @@ class Report:
             lines.append(
                 f"    group {g.id}: {g.frozen} of {g.channels} channels frozen: "
                 + "; ".join(g.reasons)
+            )
+        if (b := self.speed_check) is not None:
+            lines.append(
+                f"  speed check (batch 1, 1 thread): {b['original_ms']:.2f} ms -> "
+                f"{b['pruned_ms']:.2f} ms ({signed(-b['reduction'])})"
             )
         for b in (self.benchmark or {}).get("batches", []):
             lines.append(

@@ -12,6 +12,7 @@ from test_cli import CALIB, ROOT, SAMPLE, cli
 from nisp_onnx import ImageFolderReader, NispError, Preprocess, Report, prune
 from nisp_onnx.cli import _parser
 from nisp_onnx.errors import NispError as _Err
+from nisp_onnx.latency import Latency
 from nisp_onnx.search import LOWEST, PROBES, largest_cut
 
 
@@ -295,3 +296,40 @@ def test_default_mode_plan_names_its_floor_not_a_ratio():
     text = plan.describe("largest cut at agreement >= 0.99")
     assert text == "largest cut at agreement >= 0.99, stage3*=0.2, multiples of 8"
     assert plan.describe().startswith("global ratio 0.0")
+
+
+# --- the speed check -----------------------------------------------------------------------
+
+
+def test_default_mode_times_the_kept_cut(auto_run):
+    """The kept cut was timed against the original; it was written because it was not slower."""
+    _, report = auto_run
+    check = report.speed_check
+    assert check["batch_size"] == 1 and check["threads"] == 1 and check["runs"] >= 5
+    assert check["pruned_ms"] <= check["original_ms"] and report.macs_reduction > 0
+    assert "speed check (batch 1, 1 thread)" in report.summary()
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_slower_cut_is_written_unpruned(tmp_path, monkeypatch, check):
+    timed = []
+
+    def slower(original, pruned, *args):
+        timed.append(pruned)
+        return [Latency(1, 1, 1.0, 1.5, 5)]
+
+    monkeypatch.setattr("nisp_onnx.api.compare", slower)
+    out = tmp_path / "o.onnx"
+    report = prune(SAMPLE, out, reader(), min_agreement=0.9, speed_check=check)
+    if check:
+        assert len(timed) == 1 and report.speed_check["pruned_ms"] == 1.5
+        assert report.macs_after == report.macs_before and report.agreement == 1.0
+        assert "runs slower than the original at batch 1 (1.00 ms -> 1.50 ms)" in report.warnings[0]
+        assert "written unpruned" in report.summary().splitlines()[0]
+        original = ort.InferenceSession(str(SAMPLE)).get_inputs()[0]
+        x = np.random.default_rng(0).standard_normal((2, *original.shape[1:])).astype(np.float32)
+        runs = [ort.InferenceSession(str(m)).run(None, {"input": x})[0] for m in (SAMPLE, out)]
+        np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+    else:
+        assert not timed and report.speed_check is None and report.macs_reduction > 0.2
+        assert not report.warnings

@@ -10,7 +10,8 @@ lossless evaluation images. `default`: `prune()` with no ratio or target (the la
 99% held-back agreement) on each model, with all its calibration inputs; the written file
 is then evaluated independently on the held-back inputs the report names (agreement must
 equal the report's), on the evaluation inputs (top-1, agreement), and timed against the
-original at batch 1, one thread (medians, alternated).
+original at batch 1, one thread (medians, alternated). "cut found" is the search's kept cut
+and its speed check (batch-1 latency change); a slower one is written unpruned.
 """
 
 import argparse
@@ -56,10 +57,11 @@ def samples(counts):
 
 def default(names):
     print(
-        "| model | inputs (held back) | MACs cut | held-back agreement: report / rerun | "
-        "top-1 before / after (eval) | eval agreement | batch-1 latency | time |"
+        "| model | inputs (held back) | cut found: speed check | MACs cut | "
+        "held-back agreement: report / rerun | top-1 before / after (eval) | eval agreement | "
+        "batch-1 latency | time |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, path, inp, batch, cal, x, y in shared_data.models(cifar_calib=2048):
         if names and name not in names:
             continue
@@ -75,8 +77,14 @@ def default(names):
             before, after = top1(path, x, inp, batch), top1(out, x, inp, batch)
             b = 10 if name == "LeNet-5" else 1  # LeNet-5 runs fixed batches of 10
             (lat,) = compare(path, out, {inp: (b, *x.shape[1:])}, 1, batch_sizes=(b,))
+        kept = next((p for p in report.search if p["kept"]), None)
+        check = report.speed_check
+        found = "none" if kept is None else f"{100 * kept['macs_reduction']:.1f}%"
+        if check is not None:
+            found += f": {-100 * check['reduction']:+.1f}%"
         print(
-            f"| {name} | {len(cal)} ({report.held_out}) | {100 * report.macs_reduction:.1f}% | "
+            f"| {name} | {len(cal)} ({report.held_out}) | {found} | "
+            f"{100 * report.macs_reduction:.1f}% | "
             f"{100 * report.agreement:.1f}% / {100 * rerun:.1f}% | "
             f"{100 * (before == y).mean():.1f}% / {100 * (after == y).mean():.1f}% | "
             f"{100 * (before == after).mean():.1f}% | {lat.original_ms:.2f} -> "
