@@ -376,9 +376,14 @@ def _log_softmax(em: Emitter, node: onnx.NodeProto, x: str, y: str, dy: str) -> 
 
 
 def _prelu(em: Emitter, node: onnx.NodeProto, dy: Grads, need: list) -> Grads:
-    _only(node, need, {0})
     x, slope = node.input[0], node.input[1]
-    return [_where(em, _positive(em, x), dy[0], em.op("Mul", dy[0], slope))]
+    positive = _positive(em, x)
+    dx = _where(em, positive, dy[0], em.op("Mul", dy[0], slope)) if need[0] else None
+    dslope = None
+    if need[1]:
+        below = _where(em, positive, em.const(0.0), em.op("Mul", dy[0], x))
+        dslope = unbroadcast(em, below, slope, _rank(em, x, node), node)
+    return [dx, dslope]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,24 +472,44 @@ def _matmul(em: Emitter, node: onnx.NodeProto, dy: Grads, need: list) -> Grads:
     return [ga, gb]
 
 
+def _per_channel(em: Emitter, t: str, rank: int) -> str:
+    """A [C] tensor reshaped to broadcast over [N, C, *S] of `rank`."""
+    return em.op("Reshape", t, em.ints([-1, *[1] * (rank - 2)]))
+
+
+def _channel_sum(em: Emitter, t: str, rank: int) -> str:
+    """[N, C, *S] summed to [C]."""
+    return em.op("ReduceSum", t, em.ints([0, *range(2, rank)]), keepdims=0)
+
+
 def _batch_norm(em: Emitter, node: onnx.NodeProto, dy: Grads, need: list) -> Grads:
-    _only(node, need, {0})
+    """Inference mode: y = scale * xhat + bias, xhat = (x - mean) / sqrt(var + eps)."""
+    _only(node, need, {0, 1, 2})
     a = attrs_of(node)
-    scale, var = em.idx.value(node.input[1]), em.idx.value(node.input[4])
-    if a.get("training_mode", 0) or scale is None or var is None:
-        raise fail(node, "is in training mode or has computed parameters")
-    k = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + a.get("epsilon", 1e-5))
-    r = _rank(em, node.input[0], node)
-    return [em.op("Mul", dy[0], em.const(k.reshape(-1, *[1] * (r - 2))))]
+    if a.get("training_mode", 0):
+        raise fail(node, "is in training mode")
+    x, scale, bias, mean, var = node.input[:5]
+    r = _rank(em, x, node)
+    std = em.op("Sqrt", em.op("Add", var, em.const(a.get("epsilon", 1e-5))))
+    out: Grads = [None] * len(node.input)
+    if need[0]:
+        out[0] = em.op("Mul", dy[0], _per_channel(em, em.op("Div", scale, std), r))
+    if need[1]:
+        xhat = em.op("Div", em.op("Sub", x, _per_channel(em, mean, r)), _per_channel(em, std, r))
+        out[1] = _channel_sum(em, em.op("Mul", dy[0], xhat), r)
+    if need[2]:
+        out[2] = _channel_sum(em, dy[0], r)
+    return out
 
 
 def _layer_norm(em: Emitter, node: onnx.NodeProto, dy: Grads, need: list) -> Grads:
     """dx = (g - mean(g) - xhat * mean(g * xhat)) / std with g = dy * scale, means over the
     normalized axes."""
-    _only(node, need, {0})
+    _only(node, need, {0, 1, 2})
     x, scale, a = node.input[0], node.input[1], attrs_of(node)
     r = _rank(em, x, node)
     axes = list(range(a.get("axis", -1) % r, r))
+    lead = em.ints(range(axes[0]))
     count, ax = em.count(x, axes), em.ints(axes)
 
     def mean(t: str) -> str:
@@ -494,9 +519,16 @@ def _layer_norm(em: Emitter, node: onnx.NodeProto, dy: Grads, need: list) -> Gra
     var = mean(em.op("Mul", centred, centred))
     std = em.op("Sqrt", em.op("Add", var, em.const(a.get("epsilon", 1e-5))))
     xhat = em.op("Div", centred, std)
-    g = em.op("Mul", dy[0], scale)
-    inner = em.op("Add", mean(g), em.op("Mul", xhat, mean(em.op("Mul", g, xhat))))
-    return [em.op("Div", em.op("Sub", g, inner), std)]
+    out: Grads = [None] * len(node.input)
+    if need[1]:
+        out[1] = em.op("ReduceSum", em.op("Mul", dy[0], xhat), lead, keepdims=0)
+    if len(need) > 2 and need[2]:
+        out[2] = em.op("ReduceSum", dy[0], lead, keepdims=0)
+    if need[0]:
+        g = em.op("Mul", dy[0], scale)
+        inner = em.op("Add", mean(g), em.op("Mul", xhat, mean(em.op("Mul", g, xhat))))
+        out[0] = em.op("Div", em.op("Sub", g, inner), std)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,14 +594,40 @@ def _transposed(em: Emitter, g: str, weight: str, x: str, w: Window, group: int 
     return em.op("Pad", out, pads)
 
 
+def _conv_weight(em: Emitter, g: str, x: str, w: Window, group: int) -> str:
+    """dW[o, c, *k] = sum over n and output positions p of g[n, o, p] * x_padded[n, c, p*s + k*d]:
+    itself a convolution, of x with the batch as channels by g as the kernel (stride and
+    dilation swapped), one group per group of the layer, cut to the kernel's size."""
+    n = len(w.kernel)
+    spatial = list(range(3, n + 3))
+    xs = em.op("Reshape", x, em.op("Concat", em.ints([0, group, -1]), em.shape(x, 2), axis=0))
+    xs = em.op("Transpose", xs, perm=[2, 1, 0, *spatial])  # [Cg, G, N, *S]
+    xs = em.op("Reshape", xs, em.op("Concat", em.ints([0, -1]), em.shape(xs, 3), axis=0))
+    gs = em.op("Reshape", g, em.op("Concat", em.ints([0, group, -1]), em.shape(g, 2), axis=0))
+    gs = em.op("Transpose", gs, perm=[1, 2, 0, *spatial])  # [G, Og, N, *So]
+    gs = em.op("Reshape", gs, em.op("Concat", em.ints([-1]), em.shape(gs, 2), axis=0))
+    dw = em.op(
+        "Conv", xs, gs, strides=w.dilations, dilations=w.strides, pads=w.pads, group=group
+    )  # [Cg, G*Og, *k or more]
+    dw = em.op("Transpose", dw, perm=[1, 0, *range(2, n + 2)])
+    return em.op("Slice", dw, em.ints([0] * n), em.ints(w.kernel), em.ints(range(2, n + 2)))
+
+
 def _conv(em: Emitter, node: onnx.NodeProto, dy: Grads, need: list) -> Grads:
-    _only(node, need, {0})
     x, weight = node.input[0], node.input[1]
     kshape = attrs_of(node).get("kernel_shape") or (em.idx.shape(weight) or (0, 0))[2:]
     if not kshape or any(k is None for k in kshape):
         raise fail(node, "has a kernel of unknown size")
     w = window(em, node, list(kshape))
-    return [_transposed(em, dy[0], weight, x, w, attrs_of(node).get("group", 1))]
+    group = attrs_of(node).get("group", 1)
+    out: Grads = [None] * len(node.input)
+    if need[0]:
+        out[0] = _transposed(em, dy[0], weight, x, w, group)
+    if need[1]:
+        out[1] = _conv_weight(em, dy[0], x, w, group)
+    if len(need) > 2 and need[2]:
+        out[2] = _channel_sum(em, dy[0], len(kshape) + 2)
+    return out
 
 
 def _planes(em: Emitter, t: str) -> str:

@@ -86,11 +86,12 @@ def float64(model):
 
 
 def with_deltas(model, tensors, logits):
-    """A float64 copy where each tensor t becomes t + d/t (d/t a new input), logits an output."""
+    """A float64 copy where each tensor t (a weight too) becomes t + d/t (d/t a new input),
+    logits an output."""
     m = float64(upgraded(model))  # the opset the gradients were emitted for
     ren = {t: f"{t}__fd" for t in tensors}
-    inputs = {i.name for i in m.graph.input}
-    nodes = [helper.make_node("Add", [t, f"d/{t}"], [ren[t]]) for t in tensors if t in inputs]
+    leaves = {i.name for i in m.graph.input} | {t.name for t in m.graph.initializer}
+    nodes = [helper.make_node("Add", [t, f"d/{t}"], [ren[t]]) for t in tensors if t in leaves]
     for n in m.graph.node:
         n.input[:] = [ren.get(i, i) for i in n.input]
         nodes.append(n)

@@ -1,0 +1,76 @@
+"""Gradients of the loss with respect to the weights: every trainable parameter of every op
+the fine-tuning trains, against float64 finite differences (the harness of test_taylor)."""
+
+import numpy as np
+import pytest
+from graphs import Builder
+from test_taylor import check_gradients, conv_variants, labels_for
+
+from nisp_onnx.finetune import trainable
+
+
+def layers(b):
+    """Conv with bias, BatchNorm, PRelu, per-channel Mul and Add, LayerNorm, MatMul and Gemm
+    with a transposed weight."""
+    b.shape, b.opset = (3, 4, 7, 7), 17  # LayerNormalization
+    x = b.bn(b.conv(b.input, 4, 6, stride=2), 6)  # 7 -> 4
+    x = b.op("PRelu", x, b.const(np.linspace(-0.5, 0.5, 6).reshape(6, 1, 1)))
+    x = b.op("Mul", x, b.const(np.linspace(0.5, 1.5, 6).reshape(1, 6, 1, 1)))
+    x = b.op("Add", b.const(np.linspace(-0.2, 0.2, 6).reshape(6, 1, 1)), x)
+    x = b.op("Tanh", b.conv(x, 6, 6, group=3))
+    f = b.op("Flatten", b.op("GlobalAveragePool", x))  # [N, 6]
+    f = b.op(
+        "LayerNormalization",
+        f,
+        b.const(np.linspace(0.8, 1.2, 6)),
+        b.const(np.linspace(-0.1, 0.1, 6)),
+        axis=-1,
+    )
+    f = b.op("Tanh", b.op("MatMul", f, b.weight(6, 5)))
+    return b.model(b.gemm(f, 5, 3))
+
+
+@pytest.mark.parametrize("case", [layers, conv_variants], ids=lambda c: c.__name__)
+def test_parameter_gradients_match_finite_differences(case):
+    b = Builder()
+    model = case(b)
+    params = trainable(model)
+    kinds = {n.op_type for n in model.graph.node if any(i in params for i in n.input)}
+    assert kinds == (
+        {"Conv", "BatchNormalization", "PRelu", "Mul", "Add", "LayerNormalization", "MatMul"}
+        | {"Gemm"}
+        if case is layers
+        else {"Conv", "Gemm"}
+    )
+    feed = b.feed()
+    check_gradients(model, feed, labels_for(feed, 3), params)
+
+
+def test_what_trains():
+    """Weights, biases and per-channel constants train; BatchNorm statistics, scalars and shape
+    operands do not."""
+    b = Builder()
+    model = layers(b)
+    params = trainable(model)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    assert bn.input[1] in params and bn.input[2] in params
+    assert bn.input[3] not in params and bn.input[4] not in params
+    x = b.op("Mul", model.graph.output[0].name, b.const(2.0))
+    assert b.inits[-1].name not in trainable(b.model(x))
+
+
+def test_a_wrong_weight_gradient_is_caught(monkeypatch):
+    """The same convolution without stride and dilation swapped is wrong for strided layers."""
+    from nisp_onnx import backward as bwd
+
+    real = bwd._conv_weight
+
+    def unswapped(em, g, x, w, group):
+        return real(em, g, x, bwd.Window(w.kernel, w.dilations, w.strides, w.pads), group)
+
+    monkeypatch.setattr(bwd, "_conv_weight", unswapped)
+    b = Builder()
+    model = layers(b)
+    feed = b.feed()
+    with pytest.raises(AssertionError, match="fd"):
+        check_gradients(model, feed, labels_for(feed, 3), trainable(model))
