@@ -25,6 +25,8 @@ from .errors import NispError
 
 MIN_OPSET = 16
 LABELS = "nisp_labels"
+TEACHER = "nisp_teacher_logits"  # the distillation loss's inputs: the teacher's logits
+TEACHER_FEATURES = "nisp_teacher_features"  # and its features, where they are compared
 PREFIX = "nisp_grad/"
 # ops whose outputs carry no gradient (shapes, indices, comparisons)
 NON_DIFF = {
@@ -33,6 +35,18 @@ NON_DIFF = {
     "IsInf", "Sign", "Floor", "Ceil", "Round", "RandomNormalLike", "RandomUniformLike",
 }  # fmt: skip
 FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+@dataclass
+class Distill:
+    """The distillation loss: T^2 times the batch mean of KL(softmax(t/T) || softmax(s/T)) of
+    the teacher's logits t (input TEACHER) and the student's s, plus `weight` times the mean
+    squared difference of the student's tensor `features` and the teacher's (input
+    TEACHER_FEATURES, the same shape)."""
+
+    temperature: float = 4.0
+    features: str | None = None
+    weight: float = 0.0
 
 
 @dataclass
@@ -912,17 +926,43 @@ def _loss(em: Emitter, logits: str, labels: str) -> tuple[str, str]:
     return em.op("Div", em.op("Neg", total), n), dz
 
 
+def _distillation(em: Emitter, logits: str, d: Distill) -> tuple[str, dict[str, str]]:
+    """The distillation loss and its gradients: dL/ds = T (softmax(s/T) - softmax(t/T)) / N,
+    dL/df = 2 w (f - f_t) / size(f)."""
+    inv = em.const(1.0 / d.temperature)
+    z = em.op("Mul", em.op("Flatten", logits, axis=1), inv)
+    t = em.op("Mul", em.op("Flatten", TEACHER, axis=1), inv)
+    n = em.op("Cast", em.op("Slice", em.shape(z), em.ints([0]), em.ints([1])), to=em.elem)
+    p_t = em.op("Softmax", t, axis=1)
+    gap = em.op("Sub", em.op("LogSoftmax", t, axis=1), em.op("LogSoftmax", z, axis=1))
+    kl = em.op("ReduceSum", em.op("Mul", p_t, gap), keepdims=0)
+    loss = em.op("Div", em.op("Mul", kl, em.const(d.temperature**2)), n)
+    diff = em.op("Sub", em.op("Softmax", z, axis=1), p_t)
+    scaled = em.op("Div", em.op("Mul", diff, em.const(d.temperature)), n)
+    seeds = {logits: em.op("Reshape", scaled, em.shape(logits))}
+    if d.features is not None and d.weight:
+        f = em.op("Sub", d.features, TEACHER_FEATURES)
+        size = em.op("Cast", em.op("Size", f), to=em.elem)
+        mse = em.op("ReduceMean", em.op("Mul", f, f), keepdims=0)
+        loss = em.op("Add", loss, em.op("Mul", mse, em.const(d.weight)))
+        seeds[d.features] = em.op("Div", em.op("Mul", f, em.const(2 * d.weight)), size)
+    return em.op("Reshape", loss, em.ints([1])), seeds
+
+
 def add_backward(
     model: onnx.ModelProto,
     tensors: Iterable[str],
     as_outputs: bool = True,
     labels: str = LABELS,
+    distill: Distill | None = None,
 ) -> Backward:
-    """A copy of `model` that also computes the loss and its gradient w.r.t. each of `tensors`.
+    """A copy of `model` that also computes the loss and its gradient w.r.t. each of `tensors`
+    (activations or weights).
 
     The loss is the mean cross-entropy of the logits (output 0, or the input of the Softmax
-    producing it) against the int64 input `labels`. With `as_outputs`, the loss and the
-    gradients are graph outputs; otherwise the caller adds nodes reading `Backward.grads`.
+    producing it) against the int64 input `labels`, or with `distill` the distillation loss
+    against the float inputs TEACHER (and TEACHER_FEATURES). With `as_outputs`, the loss and
+    the gradients are graph outputs; otherwise the caller adds nodes reading `Backward.grads`.
     """
     model = upgraded(model)
     idx = Index(model)
@@ -933,8 +973,14 @@ def add_backward(
     logits = find_logits(idx, model)
     elem = idx.elem_type(logits) or TensorProto.FLOAT
     em = Emitter(idx, elem)
-    loss, dz = _loss(em, logits, labels)
-    grads = _walk(em, idx, tensors, logits, dz)
+    if distill is None:
+        loss, dz = _loss(em, logits, labels)
+        seeds = {logits: dz}
+    else:
+        if distill.features is not None and distill.features not in idx.names:
+            raise NispError(f"distillation: the model has no tensor {distill.features!r}")
+        loss, seeds = _distillation(em, logits, distill)
+    grads = _walk(em, idx, tensors, seeds)
     result = {}
     for t in tensors:
         g = grads(t) or em.zeros_like(t)
@@ -942,7 +988,12 @@ def add_backward(
     g = model.graph
     g.node.extend(em.nodes)
     g.initializer.extend(em.inits)
-    g.input.append(helper.make_tensor_value_info(labels, TensorProto.INT64, ["N"]))
+    if distill is None:
+        g.input.append(helper.make_tensor_value_info(labels, TensorProto.INT64, ["N"]))
+    else:
+        g.input.append(helper.make_tensor_value_info(TEACHER, elem, None))
+        if TEACHER_FEATURES in {i for n in em.nodes for i in n.input}:
+            g.input.append(helper.make_tensor_value_info(TEACHER_FEATURES, elem, None))
     if as_outputs:
         g.output.extend(onnx.ValueInfoProto(name=n) for n in [loss, *result.values()])
     shape = idx.shape(logits)
@@ -950,12 +1001,14 @@ def add_backward(
     return Backward(model, result, labels, loss, logits, classes)
 
 
-def _walk(em: Emitter, idx: Index, tensors: list[str], logits: str, dz: str) -> Callable:
-    """Emit the VJPs of every node between `tensors` and `logits`; return name -> gradient."""
+def _walk(em: Emitter, idx: Index, tensors: list[str], seeds: dict[str, str]) -> Callable:
+    """Emit the VJPs of every node between `tensors` and the tensors `seeds` gives the loss's
+    gradients of; return name -> gradient."""
     fwd = _forward_reach(idx, tensors)
-    live = fwd & _backward_reach(idx, logits)
+    live = fwd & set().union(*(_backward_reach(idx, t) for t in seeds))
     parts: dict[str, list[str]] = defaultdict(list)
-    parts[logits].append(dz)
+    for name, seed in seeds.items():
+        parts[name].append(seed)
     totals: dict[str, str | None] = {}
 
     def total(name: str) -> str | None:

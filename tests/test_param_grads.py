@@ -2,10 +2,16 @@
 the fine-tuning trains, against float64 finite differences (the harness of test_taylor)."""
 
 import numpy as np
+import onnx
 import pytest
 from graphs import Builder
-from test_taylor import check_gradients, conv_variants, labels_for
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+from scipy import special
+from test_taylor import check_gradients, conv_variants, labels_for, with_deltas
 
+from nisp_onnx.backward import TEACHER, TEACHER_FEATURES, Distill, add_backward
+from nisp_onnx.calibrate import session
 from nisp_onnx.finetune import trainable
 
 
@@ -74,3 +80,40 @@ def test_a_wrong_weight_gradient_is_caught(monkeypatch):
     feed = b.feed()
     with pytest.raises(AssertionError, match="fd"):
         check_gradients(model, feed, labels_for(feed, 3), trainable(model))
+
+
+def test_distillation_gradients_match_finite_differences():
+    """KL at a temperature on the logits plus MSE on a feature tensor, against a numpy loss."""
+    b = Builder()
+    model = layers(b)
+    params = trainable(model)
+    feature = next(n.output[0] for n in model.graph.node if n.op_type == "Flatten")
+    feed = b.feed()
+    rng = np.random.default_rng(3)
+    teacher, teacher_f = rng.standard_normal((3, 3)), rng.standard_normal((3, 6))
+    bw = add_backward(model, params, distill=Distill(4.0, feature, 0.5))
+    names = [bw.loss, *bw.grads.values()]
+    inputs = {**feed, TEACHER: teacher.astype(np.float32)}
+    inputs[TEACHER_FEATURES] = teacher_f.astype(np.float32)
+    got = dict(zip(names, session(bw.model).run(names, inputs)))
+    fd_model, out = with_deltas(model, params, bw.logits)
+    fd_model.graph.output.append(onnx.ValueInfoProto(name=feature))
+    ref = ReferenceEvaluator(fd_model)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    base = {k: v.astype(np.float64) for k, v in feed.items()}
+    base.update({f"d/{t}": np.zeros(values[t].shape) for t in params})
+
+    def loss_at(t, delta):
+        z, f = ref.run([out, feature], {**base, f"d/{t}": delta})
+        log_s, log_t = special.log_softmax(z / 4, axis=1), special.log_softmax(teacher / 4, axis=1)
+        kl = (np.exp(log_t) * (log_t - log_s)).sum(1).mean()
+        return 16 * kl + 0.5 * np.mean((f - teacher_f) ** 2)
+
+    start = loss_at(params[0], base[f"d/{params[0]}"])
+    assert float(got[bw.loss][0]) == pytest.approx(start, rel=1e-5)
+    for t in params:
+        g = got[bw.grads[t]]
+        v = rng.standard_normal(g.shape)
+        analytic = float(np.sum(g * v))
+        fd = (loss_at(t, 1e-6 * v) - loss_at(t, -1e-6 * v)) / 2e-6
+        assert fd == pytest.approx(analytic, rel=1e-4, abs=1e-7), t
