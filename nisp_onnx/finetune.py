@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import onnx
+from dataclasses import dataclass
 
-from .backward import Index
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .backward import TEACHER, Distill, Index, add_backward, find_logits
+from .calibrate import session
+from .errors import NispError
 
 # the inputs of each op that train: weights, biases, normalisation scales and shifts, slopes
 TRAINS = {
@@ -54,3 +60,72 @@ def _size(t: onnx.TensorProto) -> int:
     for d in t.dims:
         n *= d
     return n
+
+
+@dataclass
+class Trained:
+    """The fine-tuned model and the distillation loss of each step (on its batch)."""
+
+    model: onnx.ModelProto
+    losses: list[float]
+
+
+def distil(
+    student: onnx.ModelProto,
+    teacher: onnx.ModelProto,
+    batches: list[dict[str, np.ndarray]],
+    steps: int,
+    lr: float = 1e-3,
+    temperature: float = 4.0,
+    warmup: float = 0.1,
+) -> Trained:
+    """Train every trainable parameter of `student` to mimic `teacher` (same inputs) on
+    `batches`, one batch per step in turn, with Adam: the rate warms up linearly over the first
+    `warmup` of the steps, then falls on a cosine to 0."""
+    if steps < 1:
+        raise NispError(f"fine-tuning needs at least one step, got {steps}")
+    names = trainable(student)
+    bw = add_backward(student, names, distill=Distill(temperature))
+    values = {t.name: numpy_helper.to_array(t).copy() for t in student.graph.initializer}
+    params = {n: values[n].astype(np.float32) for n in names}
+    train = _with_inputs(bw.model, names)
+    sess = session(train)
+    outputs = [bw.loss, *(bw.grads[n] for n in names)]
+    t_logits = find_logits(Index(teacher), teacher)
+    t_sess = session(teacher, [t_logits])
+    m = {n: np.zeros_like(p) for n, p in params.items()}
+    v = {n: np.zeros_like(p) for n, p in params.items()}
+    losses = []
+    ramp = max(1, int(warmup * steps))
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        (target,) = t_sess.run([t_logits], batch)
+        loss, *grads = sess.run(outputs, {**batch, TEACHER: target, **params})
+        losses.append(float(loss[0]))
+        rate = lr * min(1.0, (step + 1) / ramp)
+        if step >= ramp:
+            rate = lr * 0.5 * (1 + np.cos(np.pi * (step - ramp) / max(1, steps - ramp)))
+        for n, g in zip(names, grads):
+            m[n] = 0.9 * m[n] + 0.1 * g
+            v[n] = 0.999 * v[n] + 0.001 * g * g
+            mh, vh = m[n] / (1 - 0.9 ** (step + 1)), v[n] / (1 - 0.999 ** (step + 1))
+            params[n] = (params[n] - rate * mh / (np.sqrt(vh) + 1e-8)).astype(np.float32)
+    out = onnx.ModelProto.FromString(student.SerializeToString())
+    for t in out.graph.initializer:
+        if t.name in params:
+            t.CopyFrom(numpy_helper.from_array(params[t.name].astype(values[t.name].dtype), t.name))
+    return Trained(out, losses)
+
+
+def _with_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """`model` with the initializers `names` turned into graph inputs of the same name."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    keep, moved = [], []
+    for t in out.graph.initializer:
+        (moved if t.name in names else keep).append(t)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    out.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved
+    )
+    return out
