@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -64,10 +64,13 @@ def _size(t: onnx.TensorProto) -> int:
 
 @dataclass
 class Trained:
-    """The fine-tuned model and the distillation loss of each step (on its batch)."""
+    """The fine-tuned model, the distillation loss of each step (on its batch), and with
+    held-back batches the agreement measured every few steps and the step kept."""
 
     model: onnx.ModelProto
     losses: list[float]
+    agreements: dict[int, float] = field(default_factory=dict)  # step -> held-back top-1
+    kept_step: int = 0  # 0: the start; else the parameters after that many steps
 
 
 def distil(
@@ -78,10 +81,14 @@ def distil(
     lr: float = 1e-3,
     temperature: float = 4.0,
     warmup: float = 0.1,
+    held: list[dict[str, np.ndarray]] | None = None,
+    checks: int = 10,
 ) -> Trained:
     """Train every trainable parameter of `student` to mimic `teacher` (same inputs) on
     `batches`, one batch per step in turn, with Adam: the rate warms up linearly over the first
-    `warmup` of the steps, then falls on a cosine to 0."""
+    `warmup` of the steps, then falls on a cosine to 0. With `held` batches, top-1 agreement
+    with the teacher on them is measured at the start and `checks` times during training, and
+    the parameters of the best check are kept (the start unless a later one agrees more)."""
     if steps < 1:
         raise NispError(f"fine-tuning needs at least one step, got {steps}")
     names = trainable(student)
@@ -95,8 +102,24 @@ def distil(
     t_sess = session(teacher, [t_logits])
     m = {n: np.zeros_like(p) for n, p in params.items()}
     v = {n: np.zeros_like(p) for n, p in params.items()}
-    losses = []
+    losses: list[float] = []
     ramp = max(1, int(warmup * steps))
+    held = held or []
+    expected = [t_sess.run([t_logits], b)[0] for b in held]
+
+    def agreement() -> float:
+        same = [
+            sess.run([bw.logits], {**b, TEACHER: t, **params})[0].reshape(len(t), -1).argmax(1)
+            == t.reshape(len(t), -1).argmax(1)
+            for b, t in zip(held, expected)
+        ]
+        return float(np.concatenate(same).mean())
+
+    checked = {int(round(steps * (i + 1) / checks)) for i in range(checks)} if held else set()
+    result = Trained(student, losses)
+    best = dict(params)
+    if held:
+        result.agreements[0] = agreement()
     for step in range(steps):
         batch = batches[step % len(batches)]
         (target,) = t_sess.run([t_logits], batch)
@@ -110,11 +133,18 @@ def distil(
             v[n] = 0.999 * v[n] + 0.001 * g * g
             mh, vh = m[n] / (1 - 0.9 ** (step + 1)), v[n] / (1 - 0.999 ** (step + 1))
             params[n] = (params[n] - rate * mh / (np.sqrt(vh) + 1e-8)).astype(np.float32)
+        if step + 1 in checked:
+            result.agreements[step + 1] = agreement()
+            if result.agreements[step + 1] > result.agreements[result.kept_step]:
+                result.kept_step, best = step + 1, dict(params)
+    if not held:
+        best = params
     out = onnx.ModelProto.FromString(student.SerializeToString())
     for t in out.graph.initializer:
-        if t.name in params:
-            t.CopyFrom(numpy_helper.from_array(params[t.name].astype(values[t.name].dtype), t.name))
-    return Trained(out, losses)
+        if t.name in best:
+            t.CopyFrom(numpy_helper.from_array(best[t.name].astype(values[t.name].dtype), t.name))
+    result.model = out
+    return result
 
 
 def _with_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

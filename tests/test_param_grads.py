@@ -147,3 +147,23 @@ def test_distillation_lowers_the_loss_of_a_pruned_model(tmp_path):
 def test_distillation_needs_a_step():
     with pytest.raises(NispError, match="at least one step"):
         distil(onnx.load(SAMPLE), onnx.load(SAMPLE), [], steps=0)
+
+
+def test_held_back_agreement_chooses_the_step(tmp_path):
+    """The step kept is the best check on the held-back batches, and never worse than the
+    start: a rate that wrecks the model keeps the start's weights exactly."""
+    out = tmp_path / "cut.onnx"
+    prune(SAMPLE, out, reader(), 0.5, repair="none", holdout=0)
+    student, teacher = onnx.load(out), onnx.load(SAMPLE)
+    batches = list(iter(reader().get_next, None))
+    train, held = batches[:-2], batches[-2:]
+    expected = predict(teacher, held)
+    good = distil(student, teacher, train, steps=40, lr=1e-3, held=held, checks=4)
+    assert sorted(good.agreements) == [0, 10, 20, 30, 40]
+    assert good.agreements[good.kept_step] == max(good.agreements.values()) > good.agreements[0]
+    kept = (predict(good.model, held) == expected).mean()
+    assert kept == pytest.approx(good.agreements[good.kept_step])
+    bad = distil(student, teacher, train[:1], steps=6, lr=1e3, held=held, checks=3)
+    assert bad.kept_step == 0 and max(bad.agreements.values()) == bad.agreements[0]
+    for a, b in zip(bad.model.graph.initializer, student.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
