@@ -48,6 +48,10 @@ class Distill:
     features: str | None = None
     weight: float = 0.0
 
+    @property
+    def compares_features(self) -> bool:
+        return self.features is not None and self.weight != 0
+
 
 @dataclass
 class Backward:
@@ -940,7 +944,7 @@ def _distillation(em: Emitter, logits: str, d: Distill) -> tuple[str, dict[str, 
     diff = em.op("Sub", em.op("Softmax", z, axis=1), p_t)
     scaled = em.op("Div", em.op("Mul", diff, em.const(d.temperature)), n)
     seeds = {logits: em.op("Reshape", scaled, em.shape(logits))}
-    if d.features is not None and d.weight:
+    if d.compares_features:
         f = em.op("Sub", d.features, TEACHER_FEATURES)
         size = em.op("Cast", em.op("Size", f), to=em.elem)
         mse = em.op("ReduceMean", em.op("Mul", f, f), keepdims=0)
@@ -992,7 +996,7 @@ def add_backward(
         g.input.append(helper.make_tensor_value_info(labels, TensorProto.INT64, ["N"]))
     else:
         g.input.append(helper.make_tensor_value_info(TEACHER, elem, None))
-        if TEACHER_FEATURES in {i for n in em.nodes for i in n.input}:
+        if distill.compares_features:
             g.input.append(helper.make_tensor_value_info(TEACHER_FEATURES, elem, None))
     if as_outputs:
         g.output.extend(onnx.ValueInfoProto(name=n) for n in [loss, *result.values()])

@@ -27,9 +27,8 @@ TRAINS = {
 
 
 def trainable(model: onnx.ModelProto) -> list[str]:
-    """The float initializers that train: every use of one is a trained input of its node
+    """The float32 initializers that train: every use of one is a trained input of its node
     (through Identity nodes), and a Mul/Add/Sub operand has more than one element."""
-    idx = Index(model)
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
@@ -47,19 +46,11 @@ def trainable(model: onnx.ModelProto) -> list[str]:
                 return False
         return bool(found)
 
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
     return [
         t.name
         for t in model.graph.initializer
-        if t.data_type in floats and t.name in idx.names and trains(t.name, _size(t))
+        if t.data_type == onnx.TensorProto.FLOAT and trains(t.name, int(np.prod(t.dims)))
     ]
-
-
-def _size(t: onnx.TensorProto) -> int:
-    n = 1
-    for d in t.dims:
-        n *= d
-    return n
 
 
 @dataclass
@@ -93,16 +84,14 @@ def distil(
         raise NispError(f"fine-tuning needs at least one step, got {steps}")
     names = trainable(student)
     bw = add_backward(student, names, distill=Distill(temperature))
-    values = {t.name: numpy_helper.to_array(t).copy() for t in student.graph.initializer}
-    params = {n: values[n].astype(np.float32) for n in names}
-    train = _with_inputs(bw.model, names)
-    sess = session(train)
+    inits = {t.name: t for t in student.graph.initializer}
+    params = {n: numpy_helper.to_array(inits[n]) for n in names}
+    sess = session(_with_inputs(bw.model, names))
     outputs = [bw.loss, *(bw.grads[n] for n in names)]
     t_logits = find_logits(Index(teacher), teacher)
     t_sess = session(teacher, [t_logits])
     m = {n: np.zeros_like(p) for n, p in params.items()}
     v = {n: np.zeros_like(p) for n, p in params.items()}
-    losses: list[float] = []
     ramp = max(1, int(warmup * steps))
     held = held or []
     expected = [t_sess.run([t_logits], b)[0] for b in held]
@@ -115,19 +104,18 @@ def distil(
         ]
         return float(np.concatenate(same).mean())
 
-    checked = {int(round(steps * (i + 1) / checks)) for i in range(checks)} if held else set()
-    result = Trained(student, losses)
-    best = dict(params)
-    if held:
-        result.agreements[0] = agreement()
+    checked = {round(steps * (i + 1) / checks) for i in range(checks)} if held else set()
+    result = Trained(student, [], {0: agreement()} if held else {})
+    best = params
     for step in range(steps):
         batch = batches[step % len(batches)]
         (target,) = t_sess.run([t_logits], batch)
         loss, *grads = sess.run(outputs, {**batch, TEACHER: target, **params})
-        losses.append(float(loss[0]))
+        result.losses.append(float(loss[0]))
         rate = lr * min(1.0, (step + 1) / ramp)
         if step >= ramp:
             rate = lr * 0.5 * (1 + np.cos(np.pi * (step - ramp) / max(1, steps - ramp)))
+        params = dict(params)  # a new dict each step: `best` keeps the one it was given
         for n, g in zip(names, grads):
             m[n] = 0.9 * m[n] + 0.1 * g
             v[n] = 0.999 * v[n] + 0.001 * g * g
@@ -136,14 +124,13 @@ def distil(
         if step + 1 in checked:
             result.agreements[step + 1] = agreement()
             if result.agreements[step + 1] > result.agreements[result.kept_step]:
-                result.kept_step, best = step + 1, dict(params)
+                result.kept_step, best = step + 1, params
     if not held:
         best = params
-    out = onnx.ModelProto.FromString(student.SerializeToString())
-    for t in out.graph.initializer:
+    result.model = onnx.ModelProto.FromString(student.SerializeToString())
+    for t in result.model.graph.initializer:
         if t.name in best:
-            t.CopyFrom(numpy_helper.from_array(best[t.name].astype(values[t.name].dtype), t.name))
-    result.model = out
+            t.CopyFrom(numpy_helper.from_array(best[t.name], t.name))
     return result
 
 

@@ -29,6 +29,7 @@ import shared_data  # noqa: E402
 
 from nisp_onnx import ArrayReader, prune  # noqa: E402
 from nisp_onnx.latency import compare  # noqa: E402
+from nisp_onnx.report import signed  # noqa: E402
 from nisp_onnx.resources import measure  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def default(names):
         check = report.speed_check
         found = "none" if kept is None else f"{100 * kept['macs_reduction']:.1f}%"
         if check is not None:
-            found += f": {-100 * check['reduction']:+.1f}%"
+            found += f": {signed(-check['reduction'])}"
         print(
             f"| {name} | {len(cal)} ({report.held_out}) | {found} | "
             f"{100 * report.macs_reduction:.1f}% | "
