@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import fnmatch
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .backward import TEACHER, Distill, Index, add_backward, find_logits
+from .backward import TEACHER, TEACHER_FEATURES, Distill, Index, add_backward, find_logits
 from .calibrate import session
 from .errors import NispError
+from .progress import Progress
 
 # the inputs of each op that train: weights, biases, normalisation scales and shifts, slopes
 TRAINS = {
@@ -26,31 +30,58 @@ TRAINS = {
 }
 
 
-def trainable(model: onnx.ModelProto) -> list[str]:
+def trainable(
+    model: onnx.ModelProto, train: Iterable[str] = (), freeze: Iterable[str] = ()
+) -> list[str]:
     """The float32 initializers that train: every use of one is a trained input of its node
-    (through Identity nodes), and a Mul/Add/Sub operand has more than one element."""
+    (through Identity nodes), and a Mul/Add/Sub operand has more than one element. With
+    `train` globs, only parameters of nodes whose name matches one; never those of nodes
+    matching a `freeze` glob."""
+    train, freeze = list(train), list(freeze)
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             uses.setdefault(name, []).append((node, i))
 
-    def trains(name: str, size: int) -> bool:
-        found = uses.get(name, [])
-        for node, i in found:
+    def readers(name: str, size: int) -> list[str] | None:
+        """The nodes training `name`, None when a use of it cannot train."""
+        found: list[str] = []
+        for node, i in uses.get(name, []):
             if node.op_type == "Identity":
-                if not trains(node.output[0], size):
-                    return False
+                below = readers(node.output[0], size)
+                if below is None:
+                    return None
+                found += below
             elif i not in TRAINS.get(node.op_type, ()) or (
                 node.op_type in ("Mul", "Add", "Sub") and size < 2
             ):
-                return False
-        return bool(found)
+                return None
+            else:
+                found.append(node.name)
+        return found
 
-    return [
-        t.name
-        for t in model.graph.initializer
-        if t.data_type == onnx.TensorProto.FLOAT and trains(t.name, int(np.prod(t.dims)))
-    ]
+    def matches(nodes: list[str], globs: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(n, g) for n in nodes for g in globs)
+
+    out = []
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        nodes = readers(t.name, int(np.prod(t.dims)))
+        if nodes and (not train or matches(nodes, train)) and not matches(nodes, freeze):
+            out.append(t.name)
+    return out
+
+
+def after(model: onnx.ModelProto, tensor: str) -> list[str]:
+    """The names of the nodes that read `tensor`, directly or through others (e.g. the
+    classifier after the final response layer)."""
+    reach, names = {tensor}, []
+    for node in model.graph.node:
+        if any(i in reach for i in node.input):
+            reach.update(node.output)
+            names.append(node.name)
+    return names
 
 
 @dataclass
@@ -62,75 +93,205 @@ class Trained:
     losses: list[float]
     agreements: dict[int, float] = field(default_factory=dict)  # step -> held-back top-1
     kept_step: int = 0  # 0: the start; else the parameters after that many steps
+    parameters: int = 0  # trained parameter values
+    step_ms: float = 0.0  # mean wall time of one training step, teacher included
+    seconds: float = 0.0  # the whole fine-tuning, checks included
+
+    def to_dict(self) -> dict:
+        """The report's fine-tuning section."""
+        n = len(self.losses)
+        head, tail = self.losses[: max(1, n // 10)], self.losses[-max(1, n // 10) :]
+        return {
+            "steps": n,
+            "parameters": self.parameters,
+            "seconds": self.seconds,
+            "step_ms": self.step_ms,
+            "loss_first": float(np.mean(head)) if n else None,
+            "loss_last": float(np.mean(tail)) if n else None,
+            "agreement_before": self.agreements.get(0),
+            "agreement_after": self.agreements.get(self.kept_step),
+            "kept_step": self.kept_step,
+            "checks": {str(k): v for k, v in sorted(self.agreements.items())},
+        }
+
+
+def parse_budget(value: int | str) -> int | float:
+    """A fine-tuning budget: steps (an int, or digits) or wall time ("90s", "10m", "1h",
+    returned as float seconds)."""
+    text = str(value).strip().lower()
+    unit = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:]) if text else None
+    try:
+        amount = float(text[:-1]) if unit else int(text)
+    except ValueError:
+        amount = None
+    if amount is None or amount <= 0:
+        raise NispError(
+            f"--finetune {value!r}: give a number of steps (2000) or a wall time (90s, 10m, 1h)"
+        )
+    return amount * unit if unit else int(amount)
+
+
+def augment(batch: dict[str, np.ndarray], how: str, rng: np.random.Generator) -> dict:
+    """`batch` with its image inputs (4-D float) augmented, the same for every input:
+    "flip" mirrors a random half left-right, "crop" also takes a random resized crop of each
+    (8-100% of the area, aspect 3/4 to 4/3, bilinear); "none" returns it as it is."""
+    if how == "none":
+        return batch
+    n = len(next(iter(batch.values())))
+    flips = rng.random(n) < 0.5
+    boxes = [_box(rng, *next(iter(batch.values())).shape[-2:]) for _ in range(n)]
+    out = {}
+    for name, x in batch.items():
+        if x.ndim != 4 or x.dtype != np.float32:
+            out[name] = x
+            continue
+        x = np.where(flips[:, None, None, None], x[..., ::-1], x)
+        if how == "flip-crop":
+            x = np.stack([_resized(xi, box) for xi, box in zip(x, boxes)])
+        out[name] = np.ascontiguousarray(x, dtype=np.float32)
+    return out
+
+
+AUGMENTS = ("none", "flip", "flip-crop")
+
+
+def _box(rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
+    """A random crop (top, left, height, width) of 8-100% of the area, aspect 3/4..4/3."""
+    for _ in range(10):
+        area = rng.uniform(0.08, 1.0) * h * w
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ch, cw = round(np.sqrt(area / aspect)), round(np.sqrt(area * aspect))
+        if 0 < ch <= h and 0 < cw <= w:
+            return int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1)), ch, cw
+    return 0, 0, h, w
+
+
+def _resized(x: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The crop `box` of a [C, H, W] image resized back to [C, H, W], bilinear."""
+    top, left, ch, cw = box
+    h, w = x.shape[-2:]
+    ys = np.clip(top + (np.arange(h) + 0.5) * ch / h - 0.5, 0, h - 1)
+    xs = np.clip(left + (np.arange(w) + 0.5) * cw / w - 0.5, 0, w - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top_row = x[:, y0][:, :, x0] * (1 - fx) + x[:, y0][:, :, x1] * fx
+    low_row = x[:, y1][:, :, x0] * (1 - fx) + x[:, y1][:, :, x1] * fx
+    return top_row * (1 - fy) + low_row * fy
 
 
 def distil(
     student: onnx.ModelProto,
     teacher: onnx.ModelProto,
     batches: list[dict[str, np.ndarray]],
-    steps: int,
+    steps: int | float,
     lr: float = 1e-3,
     temperature: float = 4.0,
     warmup: float = 0.1,
     held: list[dict[str, np.ndarray]] | None = None,
     checks: int = 10,
+    names: list[str] | None = None,
+    augmentation: str = "none",
+    seed: int = 0,
+    features: str | None = None,
+    kept: list[int] | None = None,
+    feature_weight: float = 0.0,
 ) -> Trained:
-    """Train every trainable parameter of `student` to mimic `teacher` (same inputs) on
-    `batches`, one batch per step in turn, with Adam: the rate warms up linearly over the first
-    `warmup` of the steps, then falls on a cosine to 0. With `held` batches, top-1 agreement
-    with the teacher on them is measured at the start and `checks` times during training, and
-    the parameters of the best check are kept (the start unless a later one agrees more)."""
-    if steps < 1:
+    """Train the parameters `names` of `student` (default: every trainable one) to mimic
+    `teacher` (same inputs) on `batches`, one batch per step in turn, augmented as
+    `augmentation` says (seeded), with Adam: the rate warms up linearly over the first
+    `warmup` of the steps, then falls on a cosine to 0. `steps` is a count (int) or wall
+    seconds (float: the count is set from the time of the first step). With `held` batches,
+    top-1 agreement with the teacher on them is measured at the start and `checks` times
+    during training, and the parameters of the best check are kept (the start unless a
+    later one agrees more). With `features` (a tensor both models have, e.g. the final
+    response layer) and `feature_weight`, the loss adds that times the mean squared difference
+    of the two, the teacher's taken at channels `kept` (axis 1) when given."""
+    if steps <= 0 or (isinstance(steps, int) and steps < 1):
         raise NispError(f"fine-tuning needs at least one step, got {steps}")
-    names = trainable(student)
-    bw = add_backward(student, names, distill=Distill(temperature))
+    if augmentation not in AUGMENTS:
+        raise NispError(f"augmentation must be one of {', '.join(AUGMENTS)}, got {augmentation}")
+    began = time.perf_counter()
+    names = trainable(student) if names is None else names
+    if not names:
+        raise NispError("fine-tuning: the model has no trainable float parameters")
+    loss = Distill(temperature, features, feature_weight)
+    bw = add_backward(student, names, distill=loss)
     inits = {t.name: t for t in student.graph.initializer}
     params = {n: numpy_helper.to_array(inits[n]) for n in names}
     sess = session(_with_inputs(bw.model, names))
     outputs = [bw.loss, *(bw.grads[n] for n in names)]
     t_logits = find_logits(Index(teacher), teacher)
-    t_sess = session(teacher, [t_logits])
+    wanted = [t_logits, features] if loss.compares_features else [t_logits]
+    t_sess = session(teacher, wanted)
+
+    def teach(batch: dict) -> dict[str, np.ndarray]:
+        """The teacher's side of the loss on `batch`."""
+        out = t_sess.run(wanted, batch)
+        feed = {TEACHER: out[0]}
+        if loss.compares_features:
+            feed[TEACHER_FEATURES] = out[1] if kept is None else np.take(out[1], kept, 1)
+        return feed
+
     m = {n: np.zeros_like(p) for n, p in params.items()}
     v = {n: np.zeros_like(p) for n, p in params.items()}
-    ramp = max(1, int(warmup * steps))
+    rng = np.random.default_rng(seed)
     held = held or []
-    expected = [t_sess.run([t_logits], b)[0] for b in held]
+    expected = [teach(b) for b in held]
 
     def agreement() -> float:
         same = [
-            sess.run([bw.logits], {**b, TEACHER: t, **params})[0].reshape(len(t), -1).argmax(1)
-            == t.reshape(len(t), -1).argmax(1)
+            sess.run([bw.logits], {**b, **t, **params})[0].reshape(len(t[TEACHER]), -1).argmax(1)
+            == t[TEACHER].reshape(len(t[TEACHER]), -1).argmax(1)
             for b, t in zip(held, expected)
         ]
         return float(np.concatenate(same).mean())
 
-    checked = {round(steps * (i + 1) / checks) for i in range(checks)} if held else set()
     result = Trained(student, [], {0: agreement()} if held else {})
-    best = params
-    for step in range(steps):
-        batch = batches[step % len(batches)]
-        (target,) = t_sess.run([t_logits], batch)
-        loss, *grads = sess.run(outputs, {**batch, TEACHER: target, **params})
-        result.losses.append(float(loss[0]))
-        rate = lr * min(1.0, (step + 1) / ramp)
-        if step >= ramp:
-            rate = lr * 0.5 * (1 + np.cos(np.pi * (step - ramp) / max(1, steps - ramp)))
-        params = dict(params)  # a new dict each step: `best` keeps the one it was given
-        for n, g in zip(names, grads):
-            m[n] = 0.9 * m[n] + 0.1 * g
-            v[n] = 0.999 * v[n] + 0.001 * g * g
-            mh, vh = m[n] / (1 - 0.9 ** (step + 1)), v[n] / (1 - 0.999 ** (step + 1))
-            params[n] = (params[n] - rate * mh / (np.sqrt(vh) + 1e-8)).astype(np.float32)
-        if step + 1 in checked:
-            result.agreements[step + 1] = agreement()
-            if result.agreements[step + 1] > result.agreements[result.kept_step]:
-                result.kept_step, best = step + 1, params
+    result.parameters = sum(p.size for p in params.values())
+    best, total, step = params, steps, 0
+    with Progress("fine-tune", steps if isinstance(steps, int) else None) as bar:
+        while step == 0 or step < total:
+            batch = augment(batches[step % len(batches)], augmentation, rng)
+            started = time.perf_counter()
+            value, *grads = sess.run(outputs, {**batch, **teach(batch), **params})
+            if not isinstance(total, int):  # a wall-time budget: steps from the first one
+                total = max(1, int((steps - (started - began)) / (time.perf_counter() - started)))
+                bar.set_total(total)
+            if step == 0:
+                ramp = max(1, int(warmup * total))
+                checked = {round(total * (i + 1) / checks) for i in range(checks)} if held else ()
+            result.losses.append(float(value[0]))
+            rate = lr * min(1.0, (step + 1) / ramp)
+            if step >= ramp:
+                rate = lr * 0.5 * (1 + np.cos(np.pi * (step - ramp) / max(1, total - ramp)))
+            params = dict(params)  # a new dict each step: `best` keeps the one it was given
+            for n, g in zip(names, grads):
+                m[n] = 0.9 * m[n] + 0.1 * g
+                v[n] = 0.999 * v[n] + 0.001 * g * g
+                mh, vh = m[n] / (1 - 0.9 ** (step + 1)), v[n] / (1 - 0.999 ** (step + 1))
+                params[n] = (params[n] - rate * mh / (np.sqrt(vh) + 1e-8)).astype(np.float32)
+            result.step_ms += 1000 * (time.perf_counter() - started)
+            step += 1
+            bar.update()
+            if step in checked:
+                result.agreements[step] = agreement()
+                if result.agreements[step] > result.agreements[result.kept_step]:
+                    result.kept_step, best = step, params
+                bar.note(
+                    f"fine-tune step {step}/{total}: loss {np.mean(result.losses[-10:]):.4f}, "
+                    f"held-back agreement {100 * result.agreements[step]:.1f}%"
+                )
+            if step % 10 == 0 or step == total:
+                bar.status(f"loss {np.mean(result.losses[-10:]):.4f}")
     if not held:
-        best = params
+        best, result.kept_step = params, step
+    result.step_ms /= step
     result.model = onnx.ModelProto.FromString(student.SerializeToString())
     for t in result.model.graph.initializer:
         if t.name in best:
             t.CopyFrom(numpy_helper.from_array(best[t.name], t.name))
+    result.seconds = time.perf_counter() - began
     return result
 
 

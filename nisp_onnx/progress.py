@@ -72,6 +72,18 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
 
+    def set_total(self, total: int) -> None:
+        """The total, once it is known (e.g. from the time of the first unit)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def status(self, text: str) -> None:
+        """A short status after the bar (e.g. the current loss); nothing off a terminal."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+
     def note(self, message: str) -> None:
         """One line about the stage's progress (above the bar on a terminal)."""
         if self.bar is not None:
