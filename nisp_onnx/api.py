@@ -12,9 +12,10 @@ import onnx
 
 from .analyze import analyze, find_frl
 from .budget import MacModel, Plan, allocate
-from .calibrate import Calibration, collect, hold_back, predict
+from .calibrate import Calibration, collect, hold_back, on_provider, predict
 from .channels import ChannelGraph, ChannelGroup
 from .criteria import Context, get_criterion
+from .distillation import FineTune, Trained
 from .errors import GateFailed, NispError
 from .latency import compare
 from .model_io import LoadedModel, export, load_model, save_model
@@ -33,6 +34,7 @@ LOW_AGREEMENT = 0.9  # below this top-1 agreement, a warning heads the summary
 
 
 @showing_progress
+@on_provider
 def prune(
     model_input: str | os.PathLike | onnx.ModelProto | LoadedModel,
     model_output: str | os.PathLike | None,
@@ -58,6 +60,8 @@ def prune(
     keep_on_fail: bool = False,
     overwrite: bool = False,
     benchmark_threads: int | None = None,
+    finetune: FineTune | int | str | None = None,
+    provider: str | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Report:
@@ -90,6 +94,12 @@ def prune(
     says by how much) and writes nothing, unless `keep_on_fail`. An existing `model_output`
     is replaced only with `overwrite`.
 
+    `finetune` (a step count, a wall time such as "10m", or a `FineTune`) trains the pruned
+    model after repair to mimic the original on the calibration inputs (label-free
+    distillation in onnxruntime), the step kept chosen on the held-back inputs, never worse
+    there than the repaired start (`report.finetune`). `provider` runs every onnxruntime
+    session but the latency ones on that provider ("cuda"; default the CPU).
+
     `benchmark_threads` measures the CPU latency of the original and the pruned model side
     by side, at batch 1 and 32 with that many onnxruntime threads (`report.benchmark`).
     `progress` shows each long stage (a bar on a terminal, a line per stage elsewhere).
@@ -98,6 +108,7 @@ def prune(
         raise NispError(f"--repair must be one of {', '.join(MODES)}, got {repair!r}")
     if model_output is not None and Path(model_output).exists() and not overwrite:
         raise NispError(f"{model_output}: already exists; pass overwrite=True to replace it")
+    tuning = FineTune.of(finetune)
     crit = get_criterion(criterion)
     name = getattr(crit, "name", type(crit).__name__)
     crit_global = getattr(crit, "ranking", "group") == "global"
@@ -228,6 +239,24 @@ def prune(
     report.groups = [_group_report(g, removed) for g in groups]
     report.layers, report.frl_kept = built.layers, built.frl_kept
     pruned = built.proto
+    if tuning is not None and not removed.any():
+        report.warnings.append("nothing was removed, so nothing was fine-tuned")
+    elif tuning is not None:
+        with report.stage("fine-tune"):
+            produced = {o for node in pruned.graph.node for o in node.output}
+            trained = tuning.run(
+                pruned,
+                loaded.proto,
+                calib.batches,
+                held.batches if held else None,
+                hasattr(calibration_data_reader, "preprocess"),
+                seed,
+                frl if frl in produced else None,
+                built.frl_kept or None,
+            )
+            pruned = trained.model
+            check(pruned)
+            report.finetune = trained.to_dict()
     with report.stage("verify"):
         evaluation, eval_labels = (held, held_labels) if held else (calib, labels)
         preds = predict(pruned, evaluation.batches)
@@ -265,6 +294,54 @@ def prune(
             report,
         )
     return report
+
+
+@showing_progress
+@on_provider
+def finetune(
+    student: str | os.PathLike | onnx.ModelProto | LoadedModel,
+    teacher: str | os.PathLike | onnx.ModelProto | LoadedModel,
+    calibration_data_reader: object,
+    model_output: str | os.PathLike | None,
+    budget: FineTune | int | str = 2000,
+    *,
+    num_samples: int | None = None,
+    holdout: float | None = None,
+    overwrite: bool = False,
+    provider: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Trained:
+    """Distil `student` from `teacher`, two models with the same input and output names (one
+    pruned by another tool, or by nisp-onnx earlier), on the inputs the reader gives, and
+    write it to `model_output` (None writes nothing). `budget` is a step count, a wall time
+    ("10m") or a `FineTune`; `holdout` (default 0.2 when that is at least 10 inputs) keeps
+    inputs back to choose the step kept on, never worse there than the start."""
+    tuning = FineTune.of(budget)
+    if model_output is not None and Path(model_output).exists() and not overwrite:
+        raise NispError(f"{model_output}: already exists; pass overwrite=True to replace it")
+    s, t = load_model(student), load_model(teacher)
+    for kind, names in (
+        ("inputs", lambda m: [i.name for i in data_inputs(m.proto.graph)]),
+        ("outputs", lambda m: [o.name for o in m.proto.graph.output]),
+    ):
+        if names(s) != names(t):
+            raise NispError(
+                f"{s.path or 'the student'} and {t.path or 'the teacher'}: their {kind} differ "
+                f"({', '.join(names(s))} against {', '.join(names(t))}); fine-tuning distils "
+                "between models with the same inputs and outputs"
+            )
+    calib = collect(t.proto, calibration_data_reader, t.proto.graph.output[0].name, num_samples)
+    fixed = _fixed_batch(t)
+    calib, held, _, _ = hold_back(calib, None, _holdout(holdout, calib.count, fixed, False), fixed)
+    images = hasattr(calibration_data_reader, "preprocess")
+    trained = tuning.run(
+        s.proto, t.proto, calib.batches, held.batches if held else None, images, seed
+    )
+    check(trained.model)
+    if model_output is not None:
+        save_model(trained.model, model_output, s.external_data)
+    return trained
 
 
 @dataclass

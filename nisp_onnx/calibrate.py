@@ -6,8 +6,11 @@ outputs and the data is streamed batch by batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -27,6 +30,47 @@ ORT_TYPES = {  # onnxruntime's type names to numpy dtypes
     "tensor(int32)": np.int32,
     "tensor(bool)": np.bool_,
 }
+
+
+CPU = "CPUExecutionProvider"
+_provider = {"name": CPU}  # the provider of every session() opened (latency stays on the CPU)
+F = TypeVar("F", bound=Callable)
+
+
+def provider_name(name: str) -> str:
+    """onnxruntime's name for provider `name` ("cuda" or "CUDAExecutionProvider"), checked
+    to be installed."""
+    have = ort.get_available_providers()
+    for full in have:
+        if name.lower() in (full.lower(), full.lower().removesuffix("executionprovider")):
+            return full
+    raise NispError(
+        f"--provider {name}: not available in this onnxruntime ({', '.join(have)}); install "
+        "the package that has it (onnxruntime-gpu for CUDA)"
+    )
+
+
+@contextmanager
+def using_provider(name: str | None) -> Iterator[None]:
+    """Open the sessions inside the block on provider `name` (None: the CPU), with the CPU
+    provider behind it for the ops it lacks."""
+    before = _provider["name"]
+    _provider["name"] = CPU if name is None else provider_name(name)
+    try:
+        yield
+    finally:
+        _provider["name"] = before
+
+
+def on_provider(fn: F) -> F:
+    """Run `fn` with its sessions on the provider its keyword argument `provider` names."""
+
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> object:
+        with using_provider(kwargs.get("provider")):  # type: ignore[arg-type]
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 MAX_RUN_BYTES = 128 * 2**20  # what one run may return: larger batches are split
@@ -104,13 +148,14 @@ def session(
     extra_outputs: Sequence[str] = (),
     extra_nodes: Sequence[onnx.NodeProto] = (),
 ) -> ort.InferenceSession:
-    """A CPU onnxruntime session of `proto`, with `extra_nodes` and `extra_outputs` (graph
-    outputs) added to a copy. A model over 2 GB, which no protobuf carries, is saved to a
-    temporary folder with external data and the session made from the file; onnxruntime
-    maps its weights from there and does not pack them again, so they are not copied."""
+    """An onnxruntime session of `proto` (on the provider `using_provider` set), with
+    `extra_nodes` and `extra_outputs` (graph outputs) added to a copy. A model over 2 GB,
+    which no protobuf carries, is saved to a temporary folder with external data and the
+    session made from the file; onnxruntime maps its weights from there and does not pack
+    them again, so they are not copied."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
+    providers = list(dict.fromkeys([_provider["name"], CPU]))
     if not inline(proto):
         opts.add_session_config_entry("session.disable_prepacking", "1")
         with on_disk(proto, extra_outputs, extra_nodes) as path:

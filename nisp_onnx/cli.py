@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
@@ -13,13 +14,15 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .api import DEFAULT_HOLDOUT, MIN_HELD_BACK, prune
+from .api import DEFAULT_HOLDOUT, MIN_HELD_BACK, finetune, prune
 from .criteria import CRITERIA
+from .distillation import AUGMENTS, FineTune
 from .errors import EXIT_GATE, EXIT_INTERNAL, EXIT_OK, EXIT_USER, GateFailed, NispError
 from .explain import explain
 from .model_io import LoadedModel, external_files_of, load_model, output_files
 from .readers import ArrayReader, ImageFolderReader, model_preprocess
 from .repair import MODES
+from .report import finetune_line
 from .search import FLOOR
 from .verify import data_inputs, static_dims
 
@@ -159,6 +162,66 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--no-repair", dest="repair", action="store_const", const="none", help="= --repair none"
+    )
+    f = p.add_argument_group("fine-tuning (label-free distillation from the original)")
+    f.add_argument(
+        "--finetune",
+        metavar="BUDGET",
+        help="after repair, train the pruned model to mimic the original on the calibration "
+        "inputs for BUDGET steps (2000) or wall time (90s, 10m, 1h); the step kept is chosen "
+        "on the held-back inputs and is never worse there than the repaired start",
+    )
+    f.add_argument(
+        "--teacher",
+        metavar="MODEL",
+        help="no pruning: fine-tune INPUT against MODEL (same input and output names) and "
+        f"write it to OUTPUT (budget --finetune, default {FineTune.budget})",
+    )
+    f.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=FineTune.lr,
+        metavar="LR",
+        help=f"Adam's peak rate ({FineTune.lr:g})",
+    )
+    f.add_argument(
+        "--augment",
+        choices=AUGMENTS,
+        help="augmentation of the training batches (default flip-crop for image folders, none "
+        "for .npz/.npy)",
+    )
+    f.add_argument(
+        "--feature-weight",
+        type=float,
+        default=FineTune.feature_weight,
+        metavar="W",
+        help="weight of the mean squared difference of the final response layers beside the "
+        f"logit KL (default {FineTune.feature_weight:g})",
+    )
+    f.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="train only the parameters of nodes whose name matches the glob (repeatable)",
+    )
+    f.add_argument(
+        "--freeze",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="never train the parameters of nodes whose name matches the glob (repeatable)",
+    )
+    f.add_argument(
+        "--freeze-classifier",
+        action="store_true",
+        help="never train the nodes after the final response layer",
+    )
+    f.add_argument(
+        "--provider",
+        metavar="NAME",
+        help="onnxruntime execution provider for calibration, repair, fine-tuning and "
+        "verification, e.g. cuda (default: the CPU; latency is always measured on the CPU)",
     )
     g = p.add_argument_group("quality gates (fractions; a failed gate exits 3 and writes no model)")
     g.add_argument(
@@ -343,10 +406,11 @@ def _pattern_ratio(text: str) -> tuple[str, float]:
 
 def _check_files(args: argparse.Namespace) -> None:
     """Refuse, before any work, to overwrite the input or an existing output."""
-    model = Path(args.input)
-    inputs = {model.resolve()}
-    if model.is_file():
-        inputs.update((model.parent / f).resolve() for f in external_files_of(model))
+    inputs = set()
+    for model in map(Path, filter(None, (args.input, args.teacher))):
+        inputs.add(model.resolve())
+        if model.is_file():
+            inputs.update((model.parent / f).resolve() for f in external_files_of(model))
     for path in output_files(args.output):
         if path.resolve() in inputs:
             raise NispError(f"{path}: refusing to overwrite the input model or its data")
@@ -358,6 +422,48 @@ def _check_files(args: argparse.Namespace) -> None:
     for flag, path in (("--report", args.report), ("--summary-md", args.summary_md)):
         if path and Path(path).resolve() in inputs:
             raise NispError(f"{flag} {path}: refusing to overwrite the input model")
+
+
+def _fine_tune(args: argparse.Namespace) -> FineTune:
+    """The fine-tuning the flags ask for (used with --finetune or --teacher)."""
+    tuning = FineTune(
+        budget=args.finetune or FineTune.budget,
+        lr=args.finetune_lr,
+        augment=args.augment,
+        train=tuple(args.train),
+        freeze=tuple(args.freeze),
+        freeze_classifier=args.freeze_classifier,
+        feature_weight=args.feature_weight,
+    )
+    return FineTune.of(tuning)
+
+
+def _distil_only(args: argparse.Namespace, tuning: FineTune) -> int:
+    """--teacher: fine-tune the input against the teacher, no pruning."""
+    teacher = load_model(args.teacher)
+    student = load_model(args.input)
+    reader = _reader(args, teacher)
+    trained = finetune(
+        student,
+        teacher,
+        reader,
+        args.output,
+        tuning,
+        num_samples=len(reader),
+        holdout=args.holdout,
+        overwrite=args.force,
+        provider=args.provider,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    line = finetune_line(trained.to_dict())
+    if args.report:
+        Path(args.report).write_text(json.dumps({"finetune": trained.to_dict()}, indent=2) + "\n")
+    if args.summary_md:
+        Path(args.summary_md).write_text(f"{line[0].upper()}{line[1:]}.\n")
+    if not args.quiet:
+        print(f"{args.input} -> {args.output}, distilled from {args.teacher}\n  {line}")
+    return EXIT_OK
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -380,6 +486,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.output is None or args.calib is None:
         raise NispError("give the output model and --calib (or --dry-run to only look)")
     _check_files(args)
+    tuning = _fine_tune(args)
+    if args.teacher is not None:
+        return _distil_only(args, tuning)
     model = load_model(args.input)
     reader = _reader(args, model)
     try:
@@ -406,6 +515,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             keep_on_fail=args.keep_on_fail,
             overwrite=args.force,
             benchmark_threads=args.benchmark,
+            finetune=tuning if args.finetune is not None else None,
+            provider=args.provider,
             seed=args.seed,
             progress=not args.quiet,
         )

@@ -71,6 +71,7 @@ class Report:
     layers: list[LayerRepair] = field(default_factory=list)
     gates: list[Gate] = field(default_factory=list)
     written: bool = False  # whether the output model was written
+    finetune: dict | None = None  # with --finetune: steps, time, loss and agreement
     speed_check: dict | None = None  # default mode: batch-1 latency of the kept cut
     benchmark: dict | None = None  # with --benchmark: latency of both models
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
@@ -95,7 +96,9 @@ class Report:
     def evaluated_on(self) -> str:
         """What agreement and accuracy were measured on, in words."""
         if self.held_out:
-            chosen = " (which chose the cut)" if self.mode == "auto" else ""
+            chose = ["the cut"] if self.mode == "auto" else []
+            chose += ["the fine-tuning step"] if self.finetune else []
+            chosen = f" (which chose {' and '.join(chose)})" if chose else ""
             return f"{self.held_out} held-back inputs{chosen}"
         return f"{self.samples} calibration inputs (seen by repair)"
 
@@ -159,6 +162,8 @@ class Report:
             lines.append(
                 f"    {la.node}: {la.method}, error {la.error_before:.4f} -> {la.error_after:.4f}"
             )
+        if self.finetune:
+            lines.append(f"  {self.finetune_line}")
         pruned = [g for g in self.groups if g.kept < g.channels]
         frozen = [g for g in self.groups if g.frozen]
         lines.append(
@@ -188,6 +193,11 @@ class Report:
         if self.memory:
             lines.append(f"  peak memory: {max(self.memory.values()):,.0f} MiB")
         return "\n".join(lines)
+
+    @property
+    def finetune_line(self) -> str:
+        """The fine-tuning in one line."""
+        return finetune_line(self.finetune or {})
 
     def _curve(self) -> list[str]:
         """The default mode's probes, one line each, the kept one marked."""
@@ -255,6 +265,8 @@ class Report:
             ]
         if self.search:
             lines += ["", "```", *self._curve(), "```"]
+        if self.finetune:
+            lines += ["", self.finetune_line[0].upper() + self.finetune_line[1:] + "."]
         if self.gates:
             lines += ["", "| gate | threshold | measured | result |", "|---|---:|---:|---|"]
             lines += [
@@ -270,6 +282,22 @@ class Report:
                 f"- group {g.id}: {g.frozen}/{g.channels}: {'; '.join(g.reasons)}" for g in frozen
             ]
         return "\n".join(lines) + "\n"
+
+
+def finetune_line(f: dict) -> str:
+    """A report's fine-tuning section (`Trained.to_dict()`) in one line."""
+    line = (
+        f"fine-tune: {f['steps']} steps in {f['seconds']:.0f}s ({f['step_ms']:.0f} ms each), "
+        f"{f['parameters']:,} parameters, distillation loss {f['loss_first']:.4f} -> "
+        f"{f['loss_last']:.4f}"
+    )
+    if f["agreement_before"] is not None:
+        stop = ", stopped early" if f["stopped_early"] else ""
+        line += (
+            f", held-back agreement {percent(f['agreement_before'])} -> "
+            f"{percent(f['agreement_after'])} (step {f['kept_step']} kept{stop})"
+        )
+    return line
 
 
 def percent(x: float) -> str:

@@ -14,8 +14,8 @@ from test_taylor import check_gradients, conv_variants, labels_for, with_deltas
 
 from nisp_onnx import NispError, prune
 from nisp_onnx.backward import TEACHER, TEACHER_FEATURES, Distill, add_backward
-from nisp_onnx.calibrate import predict, session
-from nisp_onnx.finetune import distil, trainable
+from nisp_onnx.calibrate import collect, hold_back, predict, session
+from nisp_onnx.distillation import distil, trainable
 from nisp_onnx.verify import check
 
 
@@ -121,13 +121,14 @@ def test_distillation_gradients_match_finite_differences():
 
 @pytest.fixture(scope="module")
 def cut(tmp_path_factory):
-    """An unrepaired half cut of the bundled sample, the original, training and held-back
-    batches, and the original's top-1 on the held-back ones."""
+    """A repaired 70% cut of the bundled sample, the original, training and held-back
+    batches (a random fifth: the sample's files come in class order), and the original's
+    top-1 on the held-back ones."""
     out = tmp_path_factory.mktemp("cut") / "cut.onnx"
-    prune(SAMPLE, out, reader(), 0.5, repair="none", holdout=0)
+    prune(SAMPLE, out, reader(), 0.7, holdout=0)
     student, teacher = onnx.load(out), onnx.load(SAMPLE)
-    batches = list(iter(reader().get_next, None))
-    return student, teacher, batches[:-2], batches[-2:], predict(teacher, batches[-2:])
+    train, held, _, _ = hold_back(collect(teacher, reader(), "logits"), None, 0.2)
+    return student, teacher, train.batches, held.batches, held.predictions
 
 
 def test_distillation_lowers_the_loss_of_a_pruned_model(cut):
@@ -138,7 +139,7 @@ def test_distillation_lowers_the_loss_of_a_pruned_model(cut):
     trained = distil(student, teacher, train, steps=40, lr=1e-3)
     before = (predict(student, held) == expected).mean()
     after = (predict(trained.model, held) == expected).mean()
-    assert after >= before + 0.5
+    assert after >= before + 0.05
     one = distil(student, teacher, train[:1], steps=20, lr=1e-3).losses  # the same batch
     assert one[-1] < 0.5 * one[0] and np.all(np.isfinite(one))
     check(trained.model)

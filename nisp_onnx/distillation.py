@@ -96,6 +96,7 @@ class Trained:
     parameters: int = 0  # trained parameter values
     step_ms: float = 0.0  # mean wall time of one training step, teacher included
     seconds: float = 0.0  # the whole fine-tuning, checks included
+    stopped_early: bool = False  # `patience` checks in a row agreed less than the best
 
     def to_dict(self) -> dict:
         """The report's fine-tuning section."""
@@ -111,6 +112,7 @@ class Trained:
             "agreement_before": self.agreements.get(0),
             "agreement_after": self.agreements.get(self.kept_step),
             "kept_step": self.kept_step,
+            "stopped_early": self.stopped_early,
             "checks": {str(k): v for k, v in sorted(self.agreements.items())},
         }
 
@@ -196,17 +198,20 @@ def distil(
     features: str | None = None,
     kept: list[int] | None = None,
     feature_weight: float = 0.0,
+    patience: int | None = None,
 ) -> Trained:
     """Train the parameters `names` of `student` (default: every trainable one) to mimic
-    `teacher` (same inputs) on `batches`, one batch per step in turn, augmented as
-    `augmentation` says (seeded), with Adam: the rate warms up linearly over the first
-    `warmup` of the steps, then falls on a cosine to 0. `steps` is a count (int) or wall
+    `teacher` (same inputs) on `batches`, their samples shuffled into batches of the first
+    one's size anew every epoch and augmented as `augmentation` says (seeded), with Adam:
+    the rate warms up linearly over the first `warmup` of the steps, then falls on a cosine
+    to 0. `steps` is a count (int) or wall
     seconds (float: the count is set from the time of the first step). With `held` batches,
     top-1 agreement with the teacher on them is measured at the start and `checks` times
     during training, and the parameters of the best check are kept (the start unless a
     later one agrees more). With `features` (a tensor both models have, e.g. the final
     response layer) and `feature_weight`, the loss adds that times the mean squared difference
-    of the two, the teacher's taken at channels `kept` (axis 1) when given."""
+    of the two, the teacher's taken at channels `kept` (axis 1) when given. With `patience`,
+    training stops after that many checks in a row agree less than the best one."""
     if steps <= 0 or (isinstance(steps, int) and steps < 1):
         raise NispError(f"fine-tuning needs at least one step, got {steps}")
     if augmentation not in AUGMENTS:
@@ -219,7 +224,7 @@ def distil(
     bw = add_backward(student, names, distill=loss)
     inits = {t.name: t for t in student.graph.initializer}
     params = {n: numpy_helper.to_array(inits[n]) for n in names}
-    sess = session(_with_inputs(bw.model, names))
+    sess = session(_with_inputs(bw.model, names), (bw.logits,))
     outputs = [bw.loss, *(bw.grads[n] for n in names)]
     t_logits = find_logits(Index(teacher), teacher)
     wanted = [t_logits, features] if loss.compares_features else [t_logits]
@@ -233,9 +238,9 @@ def distil(
             feed[TEACHER_FEATURES] = out[1] if kept is None else np.take(out[1], kept, 1)
         return feed
 
+    draw = _shuffled(batches, rng := np.random.default_rng(seed))
     m = {n: np.zeros_like(p) for n, p in params.items()}
     v = {n: np.zeros_like(p) for n, p in params.items()}
-    rng = np.random.default_rng(seed)
     held = held or []
     expected = [teach(b) for b in held]
 
@@ -249,10 +254,10 @@ def distil(
 
     result = Trained(student, [], {0: agreement()} if held else {})
     result.parameters = sum(p.size for p in params.values())
-    best, total, step = params, steps, 0
+    best, total, step, stale = params, steps, 0, 0
     with Progress("fine-tune", steps if isinstance(steps, int) else None) as bar:
         while step == 0 or step < total:
-            batch = augment(batches[step % len(batches)], augmentation, rng)
+            batch = augment(draw(step), augmentation, rng)
             started = time.perf_counter()
             value, *grads = sess.run(outputs, {**batch, **teach(batch), **params})
             if not isinstance(total, int):  # a wall-time budget: steps from the first one
@@ -276,7 +281,9 @@ def distil(
             bar.update()
             if step in checked:
                 result.agreements[step] = agreement()
-                if result.agreements[step] > result.agreements[result.kept_step]:
+                now, top = result.agreements[step], result.agreements[result.kept_step]
+                stale = stale + 1 if now < top else 0
+                if now > top:
                     result.kept_step, best = step, params
                 bar.note(
                     f"fine-tune step {step}/{total}: loss {np.mean(result.losses[-10:]):.4f}, "
@@ -284,6 +291,9 @@ def distil(
                 )
             if step % 10 == 0 or step == total:
                 bar.status(f"loss {np.mean(result.losses[-10:]):.4f}")
+            if patience and stale >= patience:
+                result.stopped_early = True
+                break
     if not held:
         best, result.kept_step = params, step
     result.step_ms /= step
@@ -293,6 +303,28 @@ def distil(
             t.CopyFrom(numpy_helper.from_array(best[t.name], t.name))
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _shuffled(batches: list[dict[str, np.ndarray]], rng: np.random.Generator):  # noqa: ANN202
+    """step -> a batch of the samples of `batches`, all of them in a new random order every
+    epoch (those left over from whole batches wait for the next); the batches in turn where
+    their inputs do not all share the first axis."""
+    if any(len({len(x) if np.ndim(x) else -1 for x in b.values()}) != 1 for b in batches):
+        return lambda step: batches[step % len(batches)]
+    pool = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    n = sum(len(next(iter(b.values()))) for b in batches)
+    size = len(next(iter(batches[0].values())))
+    per_epoch, order = n // size, {}
+
+    def draw(step: int) -> dict[str, np.ndarray]:
+        epoch, i = divmod(step, per_epoch)
+        if epoch not in order:
+            order.clear()
+            order[epoch] = rng.permutation(n)
+        take = order[epoch][i * size : (i + 1) * size]
+        return {k: v[take] for k, v in pool.items()}
+
+    return draw
 
 
 def _with_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -307,3 +339,75 @@ def _with_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved
     )
     return out
+
+
+@dataclass
+class FineTune:
+    """How `prune(finetune=...)` and `finetune()` train: the budget (steps, or wall time as
+    "90s", "10m", "1h"), Adam's peak rate, the augmentation (None: "flip-crop" for image
+    folders, "none" for arrays), node-name globs to train only or to freeze, whether to freeze
+    the nodes after the final response layer (the classifier), the weight of the feature MSE
+    beside the logit KL at `temperature`, and how many checks without gain stop early."""
+
+    budget: int | str = 2000
+    lr: float = 1e-4
+    augment: str | None = None
+    train: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()
+    freeze_classifier: bool = False
+    feature_weight: float = 0.0
+    temperature: float = 4.0
+    patience: int | None = 3
+
+    @classmethod
+    def of(cls, value: FineTune | int | str | None) -> FineTune | None:
+        """`value` as a FineTune: a budget alone takes the defaults; checked."""
+        if value is None:
+            return None
+        out = value if isinstance(value, FineTune) else cls(budget=value)
+        parse_budget(out.budget)
+        if out.augment is not None and out.augment not in AUGMENTS:
+            raise NispError(f"--augment must be one of {', '.join(AUGMENTS)}, got {out.augment}")
+        if not out.lr > 0:
+            raise NispError(f"--finetune-lr must be positive, got {out.lr}")
+        return out
+
+    def run(
+        self,
+        student: onnx.ModelProto,
+        teacher: onnx.ModelProto,
+        batches: list[dict[str, np.ndarray]],
+        held: list[dict[str, np.ndarray]] | None,
+        images: bool,
+        seed: int = 0,
+        features: str | None = None,
+        kept: list[int] | None = None,
+    ) -> Trained:
+        """Distil `student` from `teacher` on `batches` (`images`: read from an image
+        folder), the step kept chosen on `held`; `features` names the final response layer
+        both have, the teacher's channels `kept` of it matching the student's."""
+        freeze = list(self.freeze)
+        if self.freeze_classifier and features is not None:
+            freeze += after(student, features)
+        names = trainable(student, self.train, freeze)
+        if not names:
+            raise NispError(
+                "fine-tuning: no trainable float parameters"
+                + (" match --train / --freeze" if self.train or freeze else " in the model")
+            )
+        return distil(
+            student,
+            teacher,
+            batches,
+            parse_budget(self.budget),
+            lr=self.lr,
+            temperature=self.temperature,
+            held=held,
+            names=names,
+            augmentation=self.augment or ("flip-crop" if images else "none"),
+            seed=seed,
+            features=features if self.feature_weight else None,
+            kept=kept,
+            feature_weight=self.feature_weight,
+            patience=self.patience if held else None,
+        )
