@@ -10,7 +10,7 @@ from onnx.reference import ReferenceEvaluator
 from scipy import special
 from test_cli import SAMPLE
 from test_defaults import reader
-from test_taylor import check_gradients, conv_variants, labels_for, with_deltas
+from test_taylor import check_gradients, conv_variants, dynamic_sizes, labels_for, with_deltas
 
 from nisp_onnx import NispError, prune
 from nisp_onnx.backward import TEACHER, TEACHER_FEATURES, Distill, add_backward
@@ -40,14 +40,23 @@ def layers(b):
     return b.model(b.gemm(f, 5, 3))
 
 
-@pytest.mark.parametrize("case", [layers, conv_variants], ids=lambda c: c.__name__)
-def test_parameter_gradients_match_finite_differences(case):
+EVERY = {"Conv", "BatchNormalization", "PRelu", "Mul", "Add", "LayerNormalization"}
+
+
+@pytest.mark.parametrize(
+    "case, kinds",
+    [
+        (layers, EVERY | {"MatMul", "Gemm"}),
+        (conv_variants, {"Conv", "Gemm"}),  # output sizes known: unfolded weight gradients
+        (dynamic_sizes, {"Conv", "Gemm"}),  # unknown: the weight gradient as a convolution
+    ],
+    ids=lambda c: getattr(c, "__name__", ""),
+)
+def test_parameter_gradients_match_finite_differences(case, kinds):
     b = Builder()
     model = case(b)
     params = trainable(model)
-    kinds = {n.op_type for n in model.graph.node if any(i in params for i in n.input)}
-    every = {"Conv", "BatchNormalization", "PRelu", "Mul", "Add", "LayerNormalization"}
-    assert kinds == (every | {"MatMul", "Gemm"} if case is layers else {"Conv", "Gemm"})
+    assert kinds == {n.op_type for n in model.graph.node if any(i in params for i in n.input)}
     feed = b.feed()
     check_gradients(model, feed, labels_for(feed, 3), params)
 

@@ -232,6 +232,23 @@ def arithmetic(b):
     return b.model(b.head(x, 4))
 
 
+def strided_slices(b):
+    """Slices with positive steps (the gradient spread out and padded back): a start offset,
+    an end past the size, a step that overruns it, a plain channel slice."""
+    b.shape = (2, 4, 7, 8)
+    x = b.op("Tanh", b.conv(b.input, 4, 4))
+    x = b.op(
+        "Slice",
+        x,
+        b.const([1, 0], np.int64),
+        b.const([100, 7], np.int64),
+        b.const([2, 3], np.int64),
+        b.const([2, 3], np.int64),
+    )  # H 1, 3, 5 of 7; W 0, 3, 6 of 8
+    x = b.op("Slice", x, b.const([1], np.int64), b.const([3], np.int64), b.const([1], np.int64))
+    return b.model(b.head(b.conv(x, 2, 4), 4))
+
+
 def gemm_attention(b):
     """Opset 20: MatMul of two computed tensors, internal Softmax, Gelu, Gemm on every input."""
     b.shape, b.opset = (2, 5, 8), 20
@@ -276,6 +293,7 @@ GRAPHS = [getattr(test_rules, name) for name in PRUNING_CASES] + [
     dynamic_sizes,
     pools,
     arithmetic,
+    strided_slices,
     gemm_attention,
     old_opset,
 ]
@@ -289,6 +307,8 @@ def test_gradients_match_finite_differences(case):
     bw = check_gradients(model, feed, labels_for(feed, 3))
     if case is dynamic_sizes:  # sizes unknown until run time: gradients padded to fit then
         assert any(n.op_type == "Pad" for n in bw.model.graph.node)
+    if case is strided_slices:  # no scatter: spread and padded
+        assert not any(n.op_type == "ScatterElements" for n in bw.model.graph.node)
 
 
 def test_every_vjp_is_checked():
