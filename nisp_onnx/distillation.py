@@ -238,7 +238,9 @@ def distil(
             feed[TEACHER_FEATURES] = out[1] if kept is None else np.take(out[1], kept, 1)
         return feed
 
-    draw = _shuffled(batches, rng := np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    fixed = augmentation == "none"  # the teacher's side once per sample, not every step
+    draw = _shuffled([{**b, **teach(b)} for b in batches] if fixed else batches, rng)
     m = {n: np.zeros_like(p) for n, p in params.items()}
     v = {n: np.zeros_like(p) for n, p in params.items()}
     held = held or []
@@ -257,9 +259,10 @@ def distil(
     best, total, step, stale = params, steps, 0, 0
     with Progress("fine-tune", steps if isinstance(steps, int) else None) as bar:
         while step == 0 or step < total:
-            batch = augment(draw(step), augmentation, rng)
+            batch = draw(step) if fixed else augment(draw(step), augmentation, rng)
             started = time.perf_counter()
-            value, *grads = sess.run(outputs, {**batch, **teach(batch), **params})
+            teacher_side = {} if fixed else teach(batch)
+            value, *grads = sess.run(outputs, {**batch, **teacher_side, **params})
             if not isinstance(total, int):  # a wall-time budget: steps from the first one
                 total = max(1, int((steps - (started - began)) / (time.perf_counter() - started)))
                 bar.set_total(total)
