@@ -94,7 +94,7 @@ class Trained:
     agreements: dict[int, float] = field(default_factory=dict)  # step -> held-back top-1
     kept_step: int = 0  # 0: the start; else the parameters after that many steps
     parameters: int = 0  # trained parameter values
-    step_ms: float = 0.0  # mean wall time of one training step, teacher included
+    step_ms: float = 0.0  # mean wall time of one training step (the teacher's run included)
     seconds: float = 0.0  # the whole fine-tuning, checks included
     stopped_early: bool = False  # `patience` checks in a row agreed less than the best
 
@@ -204,13 +204,14 @@ def distil(
     `teacher` (same inputs) on `batches`, their samples shuffled into batches of the first
     one's size anew every epoch and augmented as `augmentation` says (seeded), with Adam:
     the rate warms up linearly over the first `warmup` of the steps, then falls on a cosine
-    to 0. `steps` is a count (int) or wall
-    seconds (float: the count is set from the time of the first step). With `held` batches,
-    top-1 agreement with the teacher on them is measured at the start and `checks` times
-    during training, and the parameters of the best check are kept (the start unless a
-    later one agrees more). With `features` (a tensor both models have, e.g. the final
-    response layer) and `feature_weight`, the loss adds that times the mean squared difference
-    of the two, the teacher's taken at channels `kept` (axis 1) when given. With `patience`,
+    to 0. `steps` is a count (int) or wall seconds (float: the count is set from the time of
+    the first step). Without augmentation the teacher runs once per sample, else on every
+    augmented batch. With `held` batches, top-1 agreement with the teacher on them is
+    measured at the start and `checks` times during training, and the parameters of the best
+    check are kept (the start unless a later one agrees more). With `features` (a tensor both
+    models have, e.g. the final response layer) and `feature_weight`, the loss adds that
+    times the mean squared difference of the two, the teacher's taken at channels `kept`
+    (axis 1) when given. With `patience`,
     training stops after that many checks in a row agree less than the best one."""
     if steps <= 0 or (isinstance(steps, int) and steps < 1):
         raise NispError(f"fine-tuning needs at least one step, got {steps}")

@@ -48,7 +48,7 @@ def bench(name, path, inp, batch, cal, x, y, args):
     original = predict(teacher, evaluation)
     print(f"| {name} | original | {100 * (original == y).mean():.2f}% | | | | | |", flush=True)
     settings = [None] + [
-        FineTune(budget=b, lr=float(lr), augment=a, feature_weight=float(w))
+        FineTune(budget=b, lr=float(lr), augment=a, feature_weight=float(w), patience=args.patience)
         for b, lr, a, w in itertools.product(
             args.budgets.split(","),
             args.lrs.split(","),
@@ -73,6 +73,8 @@ def bench(name, path, inp, batch, cal, x, y, args):
                 f"{tuning.augment} --feature-weight {tuning.feature_weight:g}"
                 f" (step {f['kept_step']}/{f['steps']} kept)"
             )
+            if args.patience != FineTune.patience:
+                run += f", patience {args.patience}"
             fwd = forward_ms(model, {inp: cal[: args.batch or batch]})
             ratio = f["step_ms"] / fwd
             cost = f"{f['seconds']:.0f} s | {f['step_ms']:.0f} / {fwd:.0f} ms = {ratio:.1f}x"
@@ -92,6 +94,7 @@ def main():
     ap.add_argument("--lrs", default=str(FineTune.lr), help="comma-separated Adam rates")
     ap.add_argument("--augments", default="flip-crop", help="comma-separated augmentations")
     ap.add_argument("--feature-weights", default=str(FineTune.feature_weight))
+    ap.add_argument("--patience", type=int, default=FineTune.patience, help="0: no early stop")
     ap.add_argument("--batch", type=int, help="calibration batch (default: the model's own)")
     ap.add_argument("--cifar-draw", type=int, default=0)
     args = ap.parse_args()
