@@ -135,13 +135,18 @@ def parse_budget(value: int | str) -> int | float:
 
 def augment(batch: dict[str, np.ndarray], how: str, rng: np.random.Generator) -> dict:
     """`batch` with its image inputs (4-D float) augmented, the same for every input:
-    "flip" mirrors a random half left-right, "crop" also takes a random resized crop of each
-    (8-100% of the area, aspect 3/4 to 4/3, bilinear); "none" returns it as it is."""
+    "flip" mirrors a random half left-right; "flip-shift" also moves each by up to 1/8 of its
+    size in each direction (zeros come in: CIFAR's pad-and-crop); "flip-crop" instead takes a
+    random resized crop of each (8-100% of the area, aspect 3/4 to 4/3, bilinear: ImageNet's);
+    "none" returns it as it is."""
     if how == "none":
         return batch
     n = len(next(iter(batch.values())))
     flips = rng.random(n) < 0.5
-    boxes = [_box(rng, *next(iter(batch.values())).shape[-2:]) for _ in range(n)]
+    h, w = next(iter(batch.values())).shape[-2:]
+    boxes = [_box(rng, h, w) for _ in range(n)]
+    moves = rng.integers(-(h // 8), h // 8 + 1, n), rng.integers(-(w // 8), w // 8 + 1, n)
+    moves = list(zip(*moves))
     out = {}
     for name, x in batch.items():
         if x.ndim != 4 or x.dtype != np.float32:
@@ -150,11 +155,13 @@ def augment(batch: dict[str, np.ndarray], how: str, rng: np.random.Generator) ->
         x = np.where(flips[:, None, None, None], x[..., ::-1], x)
         if how == "flip-crop":
             x = np.stack([_resized(xi, box) for xi, box in zip(x, boxes)])
+        elif how == "flip-shift":
+            x = np.stack([_shifted(xi, move) for xi, move in zip(x, moves)])
         out[name] = np.ascontiguousarray(x, dtype=np.float32)
     return out
 
 
-AUGMENTS = ("none", "flip", "flip-crop")
+AUGMENTS = ("none", "flip", "flip-shift", "flip-crop")
 
 
 def _box(rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
@@ -166,6 +173,17 @@ def _box(rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
         if 0 < ch <= h and 0 < cw <= w:
             return int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1)), ch, cw
     return 0, 0, h, w
+
+
+def _shifted(x: np.ndarray, move: tuple[int, int]) -> np.ndarray:
+    """A [C, H, W] image moved down and right by `move` (negative: up, left), zeros in."""
+    dy, dx = move
+    h, w = x.shape[-2:]
+    out = np.zeros_like(x)
+    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
 
 
 def _resized(x: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -13,7 +13,15 @@ from test_safety import CALIB, SAMPLE, SCHEMA, digest, main, one_error
 
 from nisp_onnx import FineTune, NispError, finetune, prune
 from nisp_onnx.calibrate import predict, session
-from nisp_onnx.distillation import _resized, after, augment, distil, parse_budget, trainable
+from nisp_onnx.distillation import (
+    _resized,
+    _shifted,
+    after,
+    augment,
+    distil,
+    parse_budget,
+    trainable,
+)
 from nisp_onnx.errors import EXIT_OK, EXIT_USER
 from nisp_onnx.verify import check
 
@@ -134,7 +142,7 @@ def test_augmentation_is_seeded_and_keeps_shapes():
     x = np.random.default_rng(1).random((8, 3, 12, 10), dtype=np.float32)
     batch = {"input": x, "ids": np.arange(8)}
     assert augment(batch, "none", np.random.default_rng(0)) is batch
-    for how in ("flip", "flip-crop"):
+    for how in ("flip", "flip-shift", "flip-crop"):
         a = augment(batch, how, np.random.default_rng(0))
         b = augment(batch, how, np.random.default_rng(0))
         assert a["input"].shape == x.shape and a["input"].dtype == np.float32
@@ -145,6 +153,10 @@ def test_augmentation_is_seeded_and_keeps_shapes():
     for xi, fi in zip(x, flipped):
         assert np.array_equal(fi, xi) or np.array_equal(fi, xi[..., ::-1])
     np.testing.assert_allclose(_resized(x[0], (0, 0, 12, 10)), x[0], atol=1e-6)
+    np.testing.assert_array_equal(_shifted(x[0], (0, 0)), x[0])
+    moved = _shifted(x[0], (1, -2))
+    np.testing.assert_array_equal(moved[:, 1:, :-2], x[0][:, :-1, 2:])
+    assert not moved[:, 0].any() and not moved[:, :, -2:].any()
 
 
 def test_what_trains_follows_the_globs():
