@@ -76,14 +76,14 @@ def test_what_trains():
 
 def test_a_wrong_weight_gradient_is_caught(monkeypatch):
     """The same convolution without stride and dilation swapped is wrong for strided layers."""
-    from nisp_onnx import backward as bwd
+    from nisp_onnx.backward import windows
 
-    real = bwd._conv_weight
+    real = windows._conv_weight
 
-    def unswapped(em, g, x, w, group):
-        return real(em, g, x, bwd.Window(w.kernel, w.dilations, w.strides, w.pads), group)
+    def unswapped(em, node, g, w, group):
+        return real(em, node, g, windows.Window(w.kernel, w.dilations, w.strides, w.pads), group)
 
-    monkeypatch.setattr(bwd, "_conv_weight", unswapped)
+    monkeypatch.setattr(windows, "_conv_weight", unswapped)
     b = Builder()
     model = layers(b)
     feed = b.feed()

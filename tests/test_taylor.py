@@ -23,6 +23,7 @@ from nisp_onnx import ArrayReader, Context, NispError, analyze, collect, load_mo
 from nisp_onnx import backward as bwd
 from nisp_onnx.analyze import find_frl
 from nisp_onnx.backward import Index, add_backward, upgraded
+from nisp_onnx.backward.emitter import _unary
 from nisp_onnx.calibrate import session
 from nisp_onnx.taylor import Taylor, measured
 
@@ -325,7 +326,7 @@ def _sigmoid_without_one_minus(em, node, x, y, dy):
     [
         ("Relu", lambda em, node, dy, need: [dy[0]], chain),
         ("BatchNormalization", lambda em, node, dy, need: [dy[0]], chain),
-        ("Sigmoid", bwd._unary(_sigmoid_without_one_minus), pools),
+        ("Sigmoid", _unary(_sigmoid_without_one_minus), pools),
     ],
 )
 def test_a_wrong_vjp_is_caught(monkeypatch, op, broken, case):
