@@ -84,6 +84,20 @@ def after(model: onnx.ModelProto, tensor: str) -> list[str]:
     return names
 
 
+def before_pooling(model: onnx.ModelProto, tensor: str) -> str:
+    """The feature map that global pooling (through Flatten/Reshape/Squeeze) turns into
+    `tensor`, e.g. the final response layer; `tensor` itself when none does."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name = tensor
+    while (node := producer.get(name)) is not None:
+        if node.op_type in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax"):
+            return node.input[0]
+        if node.op_type not in ("Flatten", "Reshape", "Squeeze", "Identity"):
+            break
+        name = node.input[0]
+    return tensor
+
+
 @dataclass
 class Trained:
     """The fine-tuned model, the distillation loss of each step (on its batch), and with
@@ -380,6 +394,7 @@ class FineTune:
     feature_weight: float = 0.0
     temperature: float = 4.0
     patience: int | None = 3
+    pooled_features: bool = False  # compare the final response layer, not the map before it
 
     @classmethod
     def of(cls, value: FineTune | int | str | None) -> FineTune | None:
@@ -409,6 +424,8 @@ class FineTune:
         folder), the step kept chosen on `held`; `features` names the final response layer
         both have, the teacher's channels `kept` of it matching the student's."""
         freeze = list(self.freeze)
+        if features is not None and not self.pooled_features:
+            features = before_pooling(student, features)
         if self.freeze_classifier and features is not None:
             freeze += after(student, features)
         names = trainable(student, self.train, freeze)

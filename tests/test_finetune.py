@@ -18,6 +18,7 @@ from nisp_onnx.distillation import (
     _shifted,
     after,
     augment,
+    before_pooling,
     distil,
     parse_budget,
     trainable,
@@ -169,6 +170,21 @@ def test_what_trains_follows_the_globs():
     assert set(trainable(model, freeze=[first])) == set(every) - set(only)
     head = after(model, model.graph.node[-2].output[0])
     assert head == [model.graph.node[-1].name]
+
+
+def test_feature_distillation_compares_the_map_before_pooling():
+    """The feature MSE reads the map global pooling turns into the final response layer (the
+    teacher's at the channels kept) and adds to the loss; without a weight it is left out."""
+    model = onnx.load(SAMPLE)
+    pool = next(n for n in model.graph.node if n.op_type == "GlobalAveragePool")
+    assert before_pooling(model, "/Flatten_output_0") == pool.input[0]
+    assert before_pooling(model, pool.input[0]) == pool.input[0]  # no pooling before it
+    runs = [
+        prune(SAMPLE, None, reader(), 0.5, finetune=FineTune(budget=3, feature_weight=w))
+        for w in (0.0, 1.0)
+    ]
+    plain, both = (r.finetune["loss_first"] for r in runs)
+    assert both > plain > 0
 
 
 def test_a_softmax_output_trains_on_its_logits():

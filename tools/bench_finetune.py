@@ -71,10 +71,13 @@ def bench(name, path, inp, batch, cal, x, y, args):
             run += (
                 f" --finetune {tuning.budget} --finetune-lr {tuning.lr:g} --augment "
                 f"{tuning.augment} --feature-weight {tuning.feature_weight:g}"
-                f" (step {f['kept_step']}/{f['steps']} kept)"
+                f" (step {f['kept_step']}/{f['steps']} kept, loss "
+                f"{f['loss_first']:.3f} -> {f['loss_last']:.3f})"
             )
             if args.patience != FineTune.patience:
                 run += f", patience {args.patience}"
+            if args.pooled_features and tuning.feature_weight:
+                run += ", features after pooling"
             fwd = forward_ms(model, {inp: cal[: args.batch or batch]})
             ratio = f["step_ms"] / fwd
             cost = f"{f['seconds']:.0f} s | {f['step_ms']:.0f} / {fwd:.0f} ms = {ratio:.1f}x"
@@ -95,6 +98,7 @@ def main():
     ap.add_argument("--augments", default="flip-crop", help="comma-separated augmentations")
     ap.add_argument("--feature-weights", default=str(FineTune.feature_weight))
     ap.add_argument("--patience", type=int, default=FineTune.patience, help="0: no early stop")
+    ap.add_argument("--pooled-features", action="store_true", help="MSE after global pooling")
     ap.add_argument("--batch", type=int, help="calibration batch (default: the model's own)")
     ap.add_argument("--cifar-draw", type=int, default=0)
     args = ap.parse_args()
