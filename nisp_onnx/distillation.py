@@ -101,16 +101,17 @@ def before_pooling(model: onnx.ModelProto, tensor: str) -> str:
 @dataclass
 class Trained:
     """The fine-tuned model, the distillation loss of each step (on its batch), and with
-    held-back batches the agreement measured every few steps and the step kept."""
+    held-back batches the agreement and loss measured every few steps and the step kept."""
 
     model: onnx.ModelProto
     losses: list[float]
     agreements: dict[int, float] = field(default_factory=dict)  # step -> held-back top-1
+    held_losses: dict[int, float] = field(default_factory=dict)  # step -> held-back loss
     kept_step: int = 0  # 0: the start; else the parameters after that many steps
     parameters: int = 0  # trained parameter values
     step_ms: float = 0.0  # mean wall time of one training step (the teacher's run included)
     seconds: float = 0.0  # the whole fine-tuning, checks included
-    stopped_early: bool = False  # `patience` checks in a row agreed less than the best
+    stopped_early: bool = False  # `patience` checks in a row without a lower held-back loss
 
     def to_dict(self) -> dict:
         """The report's fine-tuning section."""
@@ -238,13 +239,14 @@ def distil(
     the rate warms up linearly over the first `warmup` of the steps, then falls on a cosine
     to 0. `steps` is a count (int) or wall seconds (float: the count is set from the time of
     the first step). Without augmentation the teacher runs once per sample, else on every
-    augmented batch. With `held` batches, top-1 agreement with the teacher on them is
-    measured at the start and `checks` times during training, and the parameters of the best
-    check are kept (the start unless a later one agrees more). With `features` (a tensor both
+    augmented batch. With `held` batches, top-1 agreement with the teacher and the loss on
+    them are measured at the start and `checks` times during training, and the parameters of
+    the check with the lowest loss among those that agree at least as much as the start are
+    kept (the start when none beats it). With `features` (a tensor both
     models have, e.g. the final response layer) and `feature_weight`, the loss adds that
     times the mean squared difference of the two, the teacher's taken at channels `kept`
-    (axis 1) when given. With `patience`,
-    training stops after that many checks in a row agree less than the best one."""
+    (axis 1) when given. With `patience`, training stops after
+    that many checks in a row without a lower held-back loss."""
     if steps <= 0 or (isinstance(steps, int) and steps < 1):
         raise NispError(f"fine-tuning needs at least one step, got {steps}")
     if augmentation not in AUGMENTS:
@@ -279,15 +281,20 @@ def distil(
     held = held or []
     expected = [teach(b) for b in held]
 
-    def agreement() -> float:
-        same = [
-            sess.run([bw.logits], {**b, **t, **params})[0].reshape(len(t[TEACHER]), -1).argmax(1)
-            == t[TEACHER].reshape(len(t[TEACHER]), -1).argmax(1)
-            for b, t in zip(held, expected)
-        ]
-        return float(np.concatenate(same).mean())
+    def check() -> tuple[float, float]:
+        """Top-1 agreement with the teacher and the mean loss, on the held-back batches."""
+        same, losses = [], []
+        for b, t in zip(held, expected):
+            z, value = sess.run([bw.logits, bw.loss], {**b, **t, **params})
+            n = len(t[TEACHER])
+            same.append(z.reshape(n, -1).argmax(1) == t[TEACHER].reshape(n, -1).argmax(1))
+            losses.append(float(value[0]) * n)
+        same = np.concatenate(same)
+        return float(same.mean()), sum(losses) / len(same)
 
-    result = Trained(student, [], {0: agreement()} if held else {})
+    result = Trained(student, [], {})
+    if held:
+        result.agreements[0], result.held_losses[0] = check()
     result.parameters = sum(p.size for p in params.values())
     best, total, step, stale = params, steps, 0, 0
     with Progress("fine-tune", steps if isinstance(steps, int) else None) as bar:
@@ -316,10 +323,10 @@ def distil(
             step += 1
             bar.update()
             if step in checked:
-                result.agreements[step] = agreement()
-                now, top = result.agreements[step], result.agreements[result.kept_step]
-                stale = stale + 1 if now < top else 0
-                if now > top:
+                result.agreements[step], result.held_losses[step] = check()
+                better = result.held_losses[step] < result.held_losses[result.kept_step]
+                stale = 0 if better else stale + 1
+                if better and result.agreements[step] >= result.agreements[0]:
                     result.kept_step, best = step, params
                 bar.note(
                     f"fine-tune step {step}/{total}: loss {np.mean(result.losses[-10:]):.4f}, "

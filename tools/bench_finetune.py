@@ -42,7 +42,7 @@ def forward_ms(model: onnx.ModelProto, batch: dict) -> float:
 def bench(name, path, inp, batch, cal, x, y, args):
     teacher = onnx.load(path)
     fixed = teacher.graph.input[0].type.tensor_type.shape.dim[0].dim_value
-    chunk = fixed or 250
+    chunk = fixed or min(250, len(x))
     evaluation = [{inp: x[i : i + chunk]} for i in range(0, len(x) - chunk + 1, chunk)]
     y = y[: len(evaluation) * chunk]
     original = predict(teacher, evaluation)
