@@ -6,6 +6,7 @@
     python tools/bench_accuracy.py ... --set repair.SHORTCUTS=False   # an ablation
     python tools/bench_accuracy.py ... --cifar-draws 0,1,2,3   # 4 disjoint calibration sets
     python tools/bench_accuracy.py ... --cifar-orders 4   # each in 4 orders
+    python tools/bench_accuracy.py ... --repair ls,ls+ft --finetune 1000   # fine-tuned rows
 
 For each model of ../shared/data (calibration and evaluation inputs disjoint, see
 tools/shared_data.py) and each ratio, every criterion prunes the same number of channels of
@@ -44,6 +45,7 @@ import shared_data  # noqa: E402
 
 from nisp_onnx import (  # noqa: E402
     ArrayReader,
+    FineTune,
     NispError,
     find_frl,
     infs_scores,
@@ -104,7 +106,15 @@ def main():
     ap.add_argument("--ratios", default="0.25,0.5,0.7")
     ap.add_argument("--targets", default="", help="fractions of MACs to keep, e.g. 0.7,0.5")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--repair", default="none,ls")
+    ap.add_argument(
+        "--repair",
+        default="none,ls",
+        help="comma-separated repair modes; MODE+ft also fine-tunes (--finetune, rows 'ls+ft')",
+    )
+    ap.add_argument("--finetune", default="1000", help="budget of the +ft rows")
+    ap.add_argument("--finetune-lr", type=float, default=FineTune.lr)
+    ap.add_argument("--augment", default="none", help="augmentation of the +ft rows")
+    ap.add_argument("--feature-weight", type=float, default=FineTune.feature_weight)
     ap.add_argument("--cifar-calib", type=int, default=1024)
     ap.add_argument(
         "--cifar-draws",
@@ -200,6 +210,14 @@ def main():
                             kw["target_macs"] = target
                         if other is not None:
                             kw["layer_ratio"] = other
+                        mode, _, tuned = repair.partition("+")
+                        if tuned:
+                            kw["finetune"] = FineTune(
+                                args.finetune,
+                                args.finetune_lr,
+                                args.augment,
+                                feature_weight=args.feature_weight,
+                            )
                         try:
                             r = prune(
                                 path,
@@ -207,7 +225,7 @@ def main():
                                 reader,
                                 0.0 if other is not None else ratio or 0.5,
                                 criterion=criterion,
-                                repair=repair,
+                                repair=mode,
                                 **kw,
                             )
                         except NispError as e:
