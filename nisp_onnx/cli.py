@@ -16,7 +16,7 @@ import onnx
 from . import __version__
 from .api import DEFAULT_HOLDOUT, MIN_HELD_BACK, finetune, prune
 from .criteria import CRITERIA
-from .distillation import AUGMENTS, FineTune
+from .distillation import AUGMENTS, OPTIMIZERS, FineTune
 from .errors import EXIT_GATE, EXIT_INTERNAL, EXIT_OK, EXIT_USER, GateFailed, NispError
 from .explain import explain
 from .model_io import LoadedModel, external_files_of, load_model, output_files
@@ -182,7 +182,20 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=FineTune.lr,
         metavar="LR",
-        help=f"Adam's peak rate ({FineTune.lr:g})",
+        help=f"the optimizer's peak rate ({FineTune.lr:g})",
+    )
+    f.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=FineTune.optimizer,
+        help="adam (default) or sgd with momentum 0.9; both warm up, then follow a cosine",
+    )
+    f.add_argument(
+        "--weight-decay",
+        type=float,
+        default=FineTune.weight_decay,
+        metavar="D",
+        help="decoupled weight decay per step, times the rate (default 0)",
     )
     f.add_argument(
         "--augment",
@@ -434,6 +447,8 @@ def _fine_tune(args: argparse.Namespace) -> FineTune:
         freeze=tuple(args.freeze),
         freeze_classifier=args.freeze_classifier,
         feature_weight=args.feature_weight,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
     )
     return FineTune.of(tuning)
 

@@ -177,6 +177,7 @@ def augment(batch: dict[str, np.ndarray], how: str, rng: np.random.Generator) ->
 
 
 AUGMENTS = ("none", "flip", "flip-shift", "flip-crop")
+OPTIMIZERS = ("adam", "sgd")
 
 
 def _box(rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
@@ -232,6 +233,8 @@ def distil(
     kept: list[int] | None = None,
     feature_weight: float = 0.0,
     patience: int | None = None,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
 ) -> Trained:
     """Train the parameters `names` of `student` (default: every trainable one) to mimic
     `teacher` (same inputs) on `batches`, their samples shuffled into batches of the first
@@ -251,6 +254,8 @@ def distil(
         raise NispError(f"fine-tuning needs at least one step, got {steps}")
     if augmentation not in AUGMENTS:
         raise NispError(f"augmentation must be one of {', '.join(AUGMENTS)}, got {augmentation}")
+    if optimizer not in OPTIMIZERS:
+        raise NispError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer}")
     began = time.perf_counter()
     names = trainable(student) if names is None else names
     if not names:
@@ -315,10 +320,16 @@ def distil(
                 rate = lr * 0.5 * (1 + np.cos(np.pi * (step - ramp) / max(1, total - ramp)))
             params = dict(params)  # a new dict each step: `best` keeps the one it was given
             for n, g in zip(names, grads):
-                m[n] = 0.9 * m[n] + 0.1 * g
-                v[n] = 0.999 * v[n] + 0.001 * g * g
-                mh, vh = m[n] / (1 - 0.9 ** (step + 1)), v[n] / (1 - 0.999 ** (step + 1))
-                params[n] = (params[n] - rate * mh / (np.sqrt(vh) + 1e-8)).astype(np.float32)
+                if optimizer == "sgd":  # with momentum 0.9
+                    m[n] = 0.9 * m[n] + g
+                    move = m[n]
+                else:
+                    m[n] = 0.9 * m[n] + 0.1 * g
+                    v[n] = 0.999 * v[n] + 0.001 * g * g
+                    mh, vh = m[n] / (1 - 0.9 ** (step + 1)), v[n] / (1 - 0.999 ** (step + 1))
+                    move = mh / (np.sqrt(vh) + 1e-8)
+                decayed = params[n] * (1 - rate * weight_decay) if weight_decay else params[n]
+                params[n] = (decayed - rate * move).astype(np.float32)
             result.step_ms += 1000 * (time.perf_counter() - started)
             step += 1
             bar.update()
@@ -387,10 +398,12 @@ def _with_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 @dataclass
 class FineTune:
     """How `prune(finetune=...)` and `finetune()` train: the budget (steps, or wall time as
-    "90s", "10m", "1h"), Adam's peak rate, the augmentation (None: "flip-crop" for image
+    "90s", "10m", "1h"), the optimizer's peak rate, the augmentation (None: "flip-crop" for image
     folders, "none" for arrays), node-name globs to train only or to freeze, whether to freeze
     the nodes after the final response layer (the classifier), the weight of the feature MSE
-    beside the logit KL at `temperature`, and how many checks without gain stop early."""
+    beside the logit KL at `temperature` (on the map before global pooling unless
+    `pooled_features`), how many checks without gain stop early, the optimizer ("adam" or
+    "sgd" with momentum) and its decoupled weight decay."""
 
     budget: int | str = 2000
     lr: float = 1e-4
@@ -402,6 +415,8 @@ class FineTune:
     temperature: float = 4.0
     patience: int | None = 3
     pooled_features: bool = False  # compare the final response layer, not the map before it
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
 
     @classmethod
     def of(cls, value: FineTune | int | str | None) -> FineTune | None:
@@ -414,6 +429,10 @@ class FineTune:
             raise NispError(f"--augment must be one of {', '.join(AUGMENTS)}, got {out.augment}")
         if not out.lr > 0:
             raise NispError(f"--finetune-lr must be positive, got {out.lr}")
+        if out.optimizer not in OPTIMIZERS:
+            raise NispError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if out.weight_decay < 0:
+            raise NispError(f"--weight-decay must be at least 0, got {out.weight_decay}")
         return out
 
     def run(
@@ -456,4 +475,6 @@ class FineTune:
             kept=kept,
             feature_weight=self.feature_weight,
             patience=self.patience if held else None,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
         )

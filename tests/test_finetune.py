@@ -7,7 +7,7 @@ import jsonschema
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 from test_defaults import reader
 from test_safety import CALIB, SAMPLE, SCHEMA, digest, main, one_error
 
@@ -197,3 +197,18 @@ def test_a_softmax_output_trains_on_its_logits():
     assert trained.agreements[0] == 1.0
     expected = predict(model, batches[-1:])
     assert (predict(trained.model, batches[-1:]) == expected).all()
+
+
+def test_sgd_with_weight_decay_shrinks_the_weights():
+    """Against itself the gradients vanish, so SGD's first step is the decay alone: every
+    trained parameter shrinks by 1 - lr d."""
+    model = onnx.load(SAMPLE)
+    batches = list(iter(reader().get_next, None))[:2]
+    trained = distil(model, model, batches, 1, lr=0.1, optimizer="sgd", weight_decay=0.5)
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for t in trained.model.graph.initializer:
+        if t.name in trainable(model):
+            shrunk = before[t.name] * (1 - 0.1 * 0.5)
+            np.testing.assert_allclose(numpy_helper.to_array(t), shrunk, rtol=1e-4, atol=1e-6)
+    with pytest.raises(NispError, match="optimizer must be one of adam, sgd"):
+        distil(model, model, batches, 1, optimizer="rmsprop")
