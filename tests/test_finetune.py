@@ -12,6 +12,7 @@ from test_defaults import reader
 from test_safety import CALIB, SAMPLE, SCHEMA, digest, main, one_error
 
 from nisp_onnx import FineTune, NispError, finetune, prune
+from nisp_onnx.backward import Index, find_logits
 from nisp_onnx.calibrate import predict, session
 from nisp_onnx.distillation import (
     _resized,
@@ -188,10 +189,13 @@ def test_feature_distillation_compares_the_map_before_pooling():
 
 
 def test_a_softmax_output_trains_on_its_logits():
-    """Where output 0 is a Softmax, agreement and the loss read its input."""
+    """Where output 0 is a Softmax (behind an Identity, as TensorFlow exports write it),
+    agreement and the loss read its input."""
     model = onnx.load(SAMPLE)
     model.graph.node.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
-    model.graph.output[0].name = "probs"
+    model.graph.node.append(helper.make_node("Identity", ["probs"], ["output"]))
+    model.graph.output[0].name = "output"
+    assert find_logits(Index(model), model) == "logits"
     batches = list(iter(reader().get_next, None))
     trained = distil(model, model, batches[:2], steps=2, held=batches[-1:], checks=2)
     assert trained.agreements[0] == 1.0

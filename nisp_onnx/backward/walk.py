@@ -77,11 +77,15 @@ def upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def find_logits(idx: Index, model: onnx.ModelProto) -> str:
-    """Output 0, or the input of the Softmax/LogSoftmax that produces it."""
-    out = model.graph.output[0].name
-    node = idx.producer.get(out)
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        return node.input[0]
+    """Output 0, or the input of the Softmax/LogSoftmax that produces it (through Identity,
+    Flatten, Reshape and Squeeze nodes, as exporters write them)."""
+    out = name = model.graph.output[0].name
+    while (node := idx.producer.get(name)) is not None:
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            return node.input[0]
+        if node.op_type not in ("Identity", "Flatten", "Reshape", "Squeeze"):
+            break
+        name = node.input[0]
     return out
 
 
