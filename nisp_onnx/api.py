@@ -249,7 +249,6 @@ def prune(
                 loaded.proto,
                 calib.batches,
                 held.batches if held else None,
-                hasattr(calibration_data_reader, "preprocess"),
                 seed,
                 frl if frl in produced else None,
                 built.frl_kept or None,
@@ -334,10 +333,7 @@ def finetune(
     calib = collect(t.proto, calibration_data_reader, t.proto.graph.output[0].name, num_samples)
     fixed = _fixed_batch(t)
     calib, held, _, _ = hold_back(calib, None, _holdout(holdout, calib.count, fixed, False), fixed)
-    images = hasattr(calibration_data_reader, "preprocess")
-    trained = tuning.run(
-        s.proto, t.proto, calib.batches, held.batches if held else None, images, seed
-    )
+    trained = tuning.run(s.proto, t.proto, calib.batches, held.batches if held else None, seed)
     check(trained.model)
     if model_output is not None:
         save_model(trained.model, model_output, s.external_data)

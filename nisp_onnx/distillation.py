@@ -247,9 +247,10 @@ def distil(
     the check with the lowest loss among those that agree at least as much as the start are
     kept (the start when none beats it). With `features` (a tensor both
     models have, e.g. the final response layer) and `feature_weight`, the loss adds that
-    times the mean squared difference of the two, the teacher's taken at channels `kept`
-    (axis 1) when given. With `patience`, training stops after
-    that many checks in a row without a lower held-back loss."""
+    times the mean squared difference of the two relative to the teacher's mean square (on
+    the first batch), the teacher's taken at channels `kept` (axis 1) when given. With
+    `patience`, training stops after that many checks in a row without a lower held-back
+    loss."""
     if steps <= 0 or (isinstance(steps, int) and steps < 1):
         raise NispError(f"fine-tuning needs at least one step, got {steps}")
     if augmentation not in AUGMENTS:
@@ -260,27 +261,31 @@ def distil(
     names = trainable(student) if names is None else names
     if not names:
         raise NispError("fine-tuning: the model has no trainable float parameters")
-    loss = Distill(temperature, features, feature_weight)
-    bw = add_backward(student, names, distill=loss)
-    inits = {t.name: t for t in student.graph.initializer}
-    params = {n: numpy_helper.to_array(inits[n]) for n in names}
-    sess = session(_with_inputs(bw.model, names), (bw.logits,))
-    outputs = [bw.loss, *(bw.grads[n] for n in names)]
+    compares = features is not None and feature_weight != 0
     t_logits = find_logits(Index(teacher), teacher)
-    wanted = [t_logits, features] if loss.compares_features else [t_logits]
+    wanted = [t_logits, features] if compares else [t_logits]
     t_sess = session(teacher, wanted)
 
     def teach(batch: dict) -> dict[str, np.ndarray]:
         """The teacher's side of the loss on `batch`."""
         out = t_sess.run(wanted, batch)
         feed = {TEACHER: out[0]}
-        if loss.compares_features:
+        if compares:
             feed[TEACHER_FEATURES] = out[1] if kept is None else np.take(out[1], kept, 1)
         return feed
 
     rng = np.random.default_rng(seed)
     fixed = augmentation == "none"  # the teacher's side once per sample, not every step
-    draw = _shuffled([{**b, **teach(b)} for b in batches] if fixed else batches, rng)
+    pool = [{**b, **teach(b)} for b in (batches if fixed else batches[:1])]
+    draw = _shuffled(pool if fixed else batches, rng)
+    if compares:  # the MSE relative to the teacher's mean square on the first batch
+        feature_weight /= max(float(np.mean(pool[0][TEACHER_FEATURES] ** 2)), 1e-12)
+    loss = Distill(temperature, features if compares else None, feature_weight)
+    bw = add_backward(student, names, distill=loss)
+    inits = {t.name: t for t in student.graph.initializer}
+    params = {n: numpy_helper.to_array(inits[n]) for n in names}
+    sess = session(_with_inputs(bw.model, names), (bw.logits,))
+    outputs = [bw.loss, *(bw.grads[n] for n in names)]
     m = {n: np.zeros_like(p) for n, p in params.items()}
     v = {n: np.zeros_like(p) for n, p in params.items()}
     held = held or []
@@ -398,16 +403,16 @@ def _with_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 @dataclass
 class FineTune:
     """How `prune(finetune=...)` and `finetune()` train: the budget (steps, or wall time as
-    "90s", "10m", "1h"), the optimizer's peak rate, the augmentation (None: "flip-crop" for image
-    folders, "none" for arrays), node-name globs to train only or to freeze, whether to freeze
-    the nodes after the final response layer (the classifier), the weight of the feature MSE
-    beside the logit KL at `temperature` (on the map before global pooling unless
+    "90s", "10m", "1h"), the optimizer's peak rate, the augmentation, node-name globs to
+    train only or to freeze, whether to freeze the nodes after the final response layer (the
+    classifier), the weight of the feature MSE (relative to the teacher's mean square) beside
+    the logit KL at `temperature` (on the map before global pooling unless
     `pooled_features`), how many checks without gain stop early, the optimizer ("adam" or
     "sgd" with momentum) and its decoupled weight decay."""
 
     budget: int | str = 2000
     lr: float = 1e-4
-    augment: str | None = None
+    augment: str = "none"
     train: tuple[str, ...] = ()
     freeze: tuple[str, ...] = ()
     freeze_classifier: bool = False
@@ -425,7 +430,7 @@ class FineTune:
             return None
         out = value if isinstance(value, FineTune) else cls(budget=value)
         parse_budget(out.budget)
-        if out.augment is not None and out.augment not in AUGMENTS:
+        if out.augment not in AUGMENTS:
             raise NispError(f"--augment must be one of {', '.join(AUGMENTS)}, got {out.augment}")
         if not out.lr > 0:
             raise NispError(f"--finetune-lr must be positive, got {out.lr}")
@@ -441,14 +446,13 @@ class FineTune:
         teacher: onnx.ModelProto,
         batches: list[dict[str, np.ndarray]],
         held: list[dict[str, np.ndarray]] | None,
-        images: bool,
         seed: int = 0,
         features: str | None = None,
         kept: list[int] | None = None,
     ) -> Trained:
-        """Distil `student` from `teacher` on `batches` (`images`: read from an image
-        folder), the step kept chosen on `held`; `features` names the final response layer
-        both have, the teacher's channels `kept` of it matching the student's."""
+        """Distil `student` from `teacher` on `batches`, the step kept chosen on `held`;
+        `features` names the final response layer both have, the teacher's channels `kept`
+        of it matching the student's."""
         freeze = list(self.freeze)
         if features is not None and not self.pooled_features:
             features = before_pooling(student, features)
@@ -469,7 +473,7 @@ class FineTune:
             temperature=self.temperature,
             held=held,
             names=names,
-            augmentation=self.augment or ("flip-crop" if images else "none"),
+            augmentation=self.augment,
             seed=seed,
             features=features if self.feature_weight else None,
             kept=kept,
