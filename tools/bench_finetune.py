@@ -1,6 +1,6 @@
 """Fine-tuning benchmark: `prune(target_macs=F)` with and without `finetune` (needs ../shared/data).
 
-    python tools/bench_finetune.py --models ResNet-20 --budgets 2000
+    python tools/bench_finetune.py --models ResNet-20,ResNet-32 --target-macs 0.5,0.3 --budgets 1000
     python tools/bench_finetune.py --models "MobileNet-v1 0.25" --target-macs 0.7 --budgets 300 \\
         --augments flip-crop --feature-weights 0,1
 
@@ -56,15 +56,15 @@ def bench(name, path, inp, batch, cal, x, y, args):
             args.feature_weights.split(","),
         )
     ]
-    for tuning in settings:
+    for target, tuning in itertools.product(map(float, args.target_macs.split(",")), settings):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.onnx"
             reader = ArrayReader({inp: cal}, [inp], args.batch or batch)
-            report = prune(path, out, reader, target_macs=args.target_macs, finetune=tuning)
+            report = prune(path, out, reader, target_macs=target, finetune=tuning)
             model = onnx.load(out)
         p = predict(model, evaluation)
         peak = max(report.memory.values())
-        run = f"--target-macs {args.target_macs}"
+        run = f"--target-macs {target:g}"
         cost = " | "  # fine-tune time, step / forward
         if tuning is not None:
             f = report.finetune
@@ -92,10 +92,10 @@ def bench(name, path, inp, batch, cal, x, y, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="ResNet-20", help="comma-separated names")
-    ap.add_argument("--target-macs", type=float, default=0.5)
+    ap.add_argument("--target-macs", default="0.5", help="comma-separated fractions")
     ap.add_argument("--budgets", default="2000", help="comma-separated --finetune budgets")
     ap.add_argument("--lrs", default=str(FineTune.lr), help="comma-separated Adam rates")
-    ap.add_argument("--augments", default="flip-crop", help="comma-separated augmentations")
+    ap.add_argument("--augments", default=FineTune.augment, help="comma-separated augmentations")
     ap.add_argument("--feature-weights", default=str(FineTune.feature_weight))
     ap.add_argument("--patience", type=int, default=FineTune.patience, help="0: no early stop")
     ap.add_argument("--pooled-features", action="store_true", help="MSE after global pooling")
