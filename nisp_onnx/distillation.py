@@ -416,7 +416,7 @@ class FineTune:
     train: tuple[str, ...] = ()
     freeze: tuple[str, ...] = ()
     freeze_classifier: bool = False
-    feature_weight: float = 0.0
+    feature_weight: float = 100.0  # measured: docs/accuracy.md, Fine-tuning
     temperature: float = 4.0
     patience: int | None = 3
     pooled_features: bool = False  # compare the final response layer, not the map before it
