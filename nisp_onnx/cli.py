@@ -15,8 +15,9 @@ import onnx
 
 from . import __version__
 from .api import DEFAULT_HOLDOUT, MIN_HELD_BACK, finetune, prune
+from .augment import AUGMENTS
 from .criteria import CRITERIA
-from .distillation import AUGMENTS, OPTIMIZERS, FineTune
+from .distillation import OPTIMIZERS, FineTune
 from .errors import EXIT_GATE, EXIT_INTERNAL, EXIT_OK, EXIT_USER, GateFailed, NispError
 from .explain import explain
 from .model_io import LoadedModel, external_files_of, load_model, output_files

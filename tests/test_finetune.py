@@ -12,13 +12,11 @@ from test_defaults import reader
 from test_safety import CALIB, SAMPLE, SCHEMA, digest, main, one_error
 
 from nisp_onnx import FineTune, NispError, finetune, prune
+from nisp_onnx.augment import _resized, _shifted, augment
 from nisp_onnx.backward import Index, find_logits
 from nisp_onnx.calibrate import predict, session
 from nisp_onnx.distillation import (
-    _resized,
-    _shifted,
     after,
-    augment,
     before_pooling,
     distil,
     parse_budget,
