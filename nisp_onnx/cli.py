@@ -211,8 +211,9 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=FineTune.feature_weight,
         metavar="W",
-        help="weight of the mean squared difference of the final response layers beside the "
-        f"logit KL (default {FineTune.feature_weight:g})",
+        help="weight of the mean squared difference of the feature maps before global "
+        "pooling, relative to the original's mean square, beside the logit KL (default "
+        f"{FineTune.feature_weight:g}; 0 leaves it out)",
     )
     f.add_argument(
         "--train",
