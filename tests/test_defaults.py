@@ -61,8 +61,10 @@ def test_search_counts_unreachable_as_failed_and_may_find_nothing():
 
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory):
+    """The default mode without its speed check, whose timings of this tiny model are noise
+    on a busy machine (the check has its own tests below)."""
     out = tmp_path_factory.mktemp("auto") / "pruned.onnx"
-    report = prune(SAMPLE, out, reader(), min_agreement=0.9)
+    report = prune(SAMPLE, out, reader(), min_agreement=0.9, speed_check=False)
     return out, report
 
 
@@ -301,13 +303,16 @@ def test_default_mode_plan_names_its_floor_not_a_ratio():
 # --- the speed check -----------------------------------------------------------------------
 
 
-def test_default_mode_times_the_kept_cut(auto_run):
-    """The kept cut was timed against the original; it was written because it was not slower."""
-    _, report = auto_run
+def test_default_mode_times_the_kept_cut():
+    """The kept cut is timed against the original, and what is written follows the timing:
+    the cut when it was not slower, else the model unpruned with a warning."""
+    report = prune(SAMPLE, None, reader(), min_agreement=0.9)
     check = report.speed_check
     assert check["batch_size"] == 1 and check["threads"] == 1 and check["runs"] >= 5
-    assert check["pruned_ms"] <= check["original_ms"] and report.macs_reduction > 0
     assert "speed check (batch 1, 1 thread)" in report.summary()
+    slower = check["pruned_ms"] > check["original_ms"]
+    assert (report.macs_reduction == 0) == slower
+    assert any("runs slower than the original" in w for w in report.warnings) == slower
 
 
 @pytest.mark.parametrize("check", [True, False])
