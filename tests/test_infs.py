@@ -29,6 +29,17 @@ def test_matches_dense_computation(d):
     np.testing.assert_allclose(infs_scores(x), want, rtol=1e-8)
 
 
+@pytest.mark.parametrize("alpha", [0.2, 0.9])
+def test_alpha_weighs_spread_against_decorrelation(alpha):
+    """alpha weighs the spread term, 1 - alpha the decorrelation term (at the 0.5 of every
+    other test a swap of the two would pass)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((40, 8)) * rng.uniform(0.2, 3, 8)
+    x[:, 5] = x[:, 2] * 3 + 0.01 * rng.standard_normal(40)
+    np.testing.assert_allclose(infs_scores(x, alpha=alpha), dense_infs(x, alpha)[0], rtol=1e-8)
+    assert not np.allclose(infs_scores(x, alpha=alpha), dense_infs(x, 1 - alpha)[0], rtol=1e-3)
+
+
 def test_ties_in_ranks_match_scipy():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 3, (30, 5)).astype(float)
