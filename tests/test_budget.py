@@ -83,13 +83,14 @@ def test_global_ranking_removes_the_ratio_of_all_channels_and_respects_the_cap()
     np.testing.assert_allclose(again, ratios)
 
 
+@pytest.mark.parametrize("target", [0.5, 0.7])  # 0.7: aiming at 1 - target would land at 0.3
 @pytest.mark.parametrize("global_ranking", [False, True])
-def test_target_macs_lands_within_one_percent(global_ranking):
+def test_target_macs_lands_within_one_percent(global_ranking, target):
     b, model = _wide_residual(64)
     reader = ArrayReader(b.feed(), ["x"], 8)
-    r = prune(model, None, reader, repair="none", target_macs=0.5, global_ranking=global_ranking)
-    assert r.macs_after / r.macs_before == pytest.approx(0.5, abs=0.01)
-    assert "target MACs 0.5" in r.summary()
+    r = prune(model, None, reader, repair="none", target_macs=target, global_ranking=global_ranking)
+    assert r.macs_after / r.macs_before == pytest.approx(target, abs=0.01)
+    assert f"target MACs {target:g}" in r.summary()
 
 
 def test_target_macs_cuts_where_measured_damage_is_least():
