@@ -192,3 +192,23 @@ def test_removed_channels_take_their_means_in_the_damage_measure():
     zeroed = MaskedModel(cg, loaded.proto).run(batches, keep).mean(0)
     np.testing.assert_allclose(filled, want, atol=1e-4)
     assert np.abs(zeroed - want).max() > 1e-2
+
+
+@pytest.mark.parametrize("case", [chain, mobilenet])
+def test_selection_removes_the_least_important_classes(case):
+    """With known importances, every group whose tensors all hold the same classes loses
+    exactly its lowest-scored prunable classes, as many as the ratio asks."""
+    b = Builder()
+    _, _, cls, groups, imp = _plan(case(b), 0.5, 3)
+    removed = select(groups, cls, imp, 0.5)
+    checked = 0
+    for g in groups:
+        same = all(np.array_equal(np.unique(cls[sp.elements]), g.classes) for sp in g.spaces)
+        if not same or not g.prunable:
+            continue
+        free = g.classes[~g.frozen]
+        quota = min(int(round(0.5 * len(free))), len(g.classes) - 1)
+        lowest = free[np.argsort(imp[free], kind="stable")[:quota]]
+        assert set(g.classes[removed[g.classes]].tolist()) == set(lowest.tolist()), g.nodes
+        checked += 1
+    assert checked >= 2
