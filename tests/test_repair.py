@@ -196,6 +196,7 @@ def test_repair_recovers_accuracy_on_held_out_digits(tmp_path):
     original = run(onnx.load(root / "digits_resnet.onnx"), {"input": x[test]})[0].argmax(1)
     assert (original == y[test]).mean() > 0.85
     assert accuracy["none"] < 0.4 and accuracy["ls"] > accuracy["none"] + 0.3
+    assert accuracy["ls"] >= (original == y[test]).mean() - 0.05  # a floor, not only a gain
 
 
 def test_matmul_over_a_spatial_axis_is_not_refitted():
