@@ -327,3 +327,22 @@ def test_output_folder_missing(tmp_path, capsys):
     out = tmp_path / "nowhere" / "o.onnx"
     code, _, err = main(capsys, SAMPLE, out, "--calib", CALIB, *FAST)
     assert code == EXIT_USER and "output folder" in one_error(err)
+
+
+def test_the_full_checker_runs_on_the_written_model(tmp_path, monkeypatch):
+    """The model written is the one `onnx.checker` checked in full (a spy on the real one)."""
+    checked, real = [], onnx.checker.check_model
+
+    def spy(model, *args, **kwargs):
+        if kwargs.get("full_check"):
+            checked.append(onnx.ModelProto.FromString(model.SerializeToString()))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", spy)
+    out = tmp_path / "out.onnx"
+    reader = nisp_onnx.ImageFolderReader(
+        CALIB, "input", nisp_onnx.Preprocess(size=(16, 16), color="gray"), 32, 64
+    )
+    nisp_onnx.prune(SAMPLE, out, reader, 0.5)
+    written = onnx.load(out)
+    assert any(c.graph == written.graph for c in checked)
