@@ -351,3 +351,19 @@ def test_conv_classifier_before_global_pooling_is_found():
     model = b.model(b.op("Flatten", b.op("GlobalAveragePool", logits)))
     frl, node = find_frl(load_model(model).graph())
     assert frl == x
+
+
+def test_grouped_conv_with_several_outputs_per_group_ties_exactly_its_group():
+    """Conv 6 -> 12 in 3 groups (2 inputs, 4 outputs each): input channels 2j, 2j+1 and
+    output channels 4j..4j+3 are one channel class, a different one for every group."""
+    b = Builder(shape=(2, 3, 8, 8))
+    x = b.op("Relu", b.conv(b.input, 3, 6))
+    y = b.op("Relu", b.conv(x, 6, 12, group=3))
+    model = b.model(b.head(b.op("Relu", b.conv(y, 12, 4)), 4))
+    cg = analyze(load_model(model).graph(), 14)
+    cls = cg.classes()
+    grouped = next(n for n in b.nodes if n.op_type == "Conv" and n.input[0] == x)
+    inputs, outputs = cls[cg.by_tensor[x].elements], cls[cg.by_tensor[grouped.output[0]].elements]
+    for j in range(3):
+        assert len({*inputs[2 * j : 2 * j + 2], *outputs[4 * j : 4 * j + 4]}) == 1
+    assert len({inputs[0], inputs[2], inputs[4]}) == 3
