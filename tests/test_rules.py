@@ -8,6 +8,7 @@ from equivalence import check_equivalent, run
 from graphs import Builder
 
 from nisp_onnx import analyze, find_frl, load_model
+from nisp_onnx.rules import rule_of
 
 
 def chain(b):
@@ -353,17 +354,45 @@ def test_conv_classifier_before_global_pooling_is_found():
     assert frl == x
 
 
-def test_grouped_conv_with_several_outputs_per_group_ties_exactly_its_group():
-    """Conv 6 -> 12 in 3 groups (2 inputs, 4 outputs each): input channels 2j, 2j+1 and
-    output channels 4j..4j+3 are one channel class, a different one for every group."""
+def _grouped_six_to_twelve():
+    """Conv 6 -> 12 in 3 groups (2 inputs, 4 outputs each) between two plain convs."""
     b = Builder(shape=(2, 3, 8, 8))
     x = b.op("Relu", b.conv(b.input, 3, 6))
     y = b.op("Relu", b.conv(x, 6, 12, group=3))
     model = b.model(b.head(b.op("Relu", b.conv(y, 12, 4)), 4))
-    cg = analyze(load_model(model).graph(), 14)
+    graph = load_model(model).graph()
+    grouped = next(n for n in graph.nodes if n.op == "Conv" and n.inputs[0].name == x)
+    return graph, grouped, x
+
+
+def test_grouped_conv_with_several_outputs_per_group_ties_exactly_its_group():
+    """Input channels 2j, 2j+1 and output channels 4j..4j+3 are one channel class, a
+    different one for every group."""
+    graph, grouped, x = _grouped_six_to_twelve()
+    cg = analyze(graph, 14)
     cls = cg.classes()
-    grouped = next(n for n in b.nodes if n.op_type == "Conv" and n.input[0] == x)
-    inputs, outputs = cls[cg.by_tensor[x].elements], cls[cg.by_tensor[grouped.output[0]].elements]
+    inputs, outputs = (
+        cls[cg.by_tensor[x].elements],
+        cls[cg.by_tensor[grouped.outputs[0].name].elements],
+    )
     for j in range(3):
         assert len({*inputs[2 * j : 2 * j + 2], *outputs[4 * j : 4 * j + 4]}) == 1
     assert len({inputs[0], inputs[2], inputs[4]}) == 3
+
+
+def test_grouped_conv_propagates_importance_through_each_output_of_the_group():
+    """NISP through the grouped Conv: input channel c of group j gets the sum over the
+    group's outputs o of |W[o, c mod 2]| (summed over the kernel) times o's score."""
+    graph, grouped, x = _grouped_six_to_twelve()
+    cg = analyze(graph, 14)
+    src, out = cg.by_tensor[x], cg.by_tensor[grouped.outputs[0].name]
+    total = np.zeros(cg.n_elements)
+    scores = np.random.default_rng(0).random(12)
+    total[out.elements] = scores
+    rule_of(grouped).backprop(grouped, cg, total)
+    w = np.abs(grouped.inputs[1].values).reshape(12, 2, -1).sum(-1)
+    want = [
+        sum(w[o, c % 2] * scores[o] for o in range(4 * (c // 2), 4 * (c // 2) + 4))
+        for c in range(6)
+    ]
+    np.testing.assert_allclose(total[src.elements], want, rtol=1e-6)
