@@ -6,18 +6,16 @@ outputs and the data is streamed batch by batch.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from .errors import NispError
-from .progress import Progress
+from .progress import Progress, within
 from .verify import data_inputs, inline, on_disk
 
 ORT_TYPES = {  # onnxruntime's type names to numpy dtypes
@@ -34,7 +32,6 @@ ORT_TYPES = {  # onnxruntime's type names to numpy dtypes
 
 CPU = "CPUExecutionProvider"
 _provider = {"name": CPU}  # the provider of every session() opened (latency stays on the CPU)
-F = TypeVar("F", bound=Callable)
 
 
 def provider_name(name: str) -> str:
@@ -62,15 +59,7 @@ def using_provider(name: str | None) -> Iterator[None]:
         _provider["name"] = before
 
 
-def on_provider(fn: F) -> F:
-    """Run `fn` with its sessions on the provider its keyword argument `provider` names."""
-
-    @functools.wraps(fn)
-    def run(*args: object, **kwargs: object) -> object:
-        with using_provider(kwargs.get("provider")):  # type: ignore[arg-type]
-            return fn(*args, **kwargs)
-
-    return run  # type: ignore[return-value]
+on_provider = within("provider", using_provider)  # sessions on the `provider` keyword's
 
 
 MAX_RUN_BYTES = 128 * 2**20  # what one run may return: larger batches are split

@@ -33,15 +33,22 @@ def showing(on: bool) -> Iterator[None]:
         _mode["on"] = before
 
 
-def showing_progress(fn: F) -> F:
-    """Run `fn` showing progress when its keyword argument `progress` is true."""
+def within(keyword: str, context: Callable[[object], object]) -> Callable[[F], F]:
+    """A decorator running the function inside `context(value of its keyword argument)`
+    (None when not given)."""
 
-    @functools.wraps(fn)
-    def run(*args: object, **kwargs: object) -> object:
-        with showing(bool(kwargs.get("progress", False))):
-            return fn(*args, **kwargs)
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args: object, **kwargs: object) -> object:
+            with context(kwargs.get(keyword)):
+                return fn(*args, **kwargs)
 
-    return run  # type: ignore[return-value]
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
+showing_progress = within("progress", lambda on: showing(bool(on)))  # when `progress` is true
 
 
 class Progress:
