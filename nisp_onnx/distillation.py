@@ -210,10 +210,11 @@ def distil(
 
     rng = np.random.default_rng(seed)
     fixed = augmentation == "none"  # the teacher's side once per sample, not every step
-    pool = [{**b, **teach(b)} for b in (batches if fixed else batches[:1])]
-    draw = _shuffled(pool if fixed else batches, rng)
+    pool = [{**b, **teach(b)} for b in batches] if fixed else batches
+    draw = _shuffled(pool, rng)
     if compares:  # the MSE relative to the teacher's mean square on the first batch
-        feature_weight /= max(float(np.mean(pool[0][TEACHER_FEATURES] ** 2)), 1e-12)
+        first = pool[0] if fixed else teach(batches[0])
+        feature_weight /= max(float(np.mean(first[TEACHER_FEATURES] ** 2)), 1e-12)
     loss = Distill(temperature, features if compares else None, feature_weight)
     bw = add_backward(student, names, distill=loss)
     inits = {t.name: t for t in student.graph.initializer}
@@ -409,7 +410,7 @@ class FineTune:
             names=names,
             augmentation=self.augment,
             seed=seed,
-            features=features if self.feature_weight else None,
+            features=features,
             kept=kept,
             feature_weight=self.feature_weight,
             patience=self.patience if held else None,
